@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make demo   installs fastlora into .venv and runs the main job on its embedded default
+#   make test   installs fastlora with its test extras into .venv and runs lint + every test
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint env clean
+
+env: $(VENV)/.installed
+
+# A CUDA torch already installed for $(PY) is kept (the venv sees it); otherwise the
+# CPU build of torch goes in first, so nothing pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml setup.py
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "fastlora: keeping the CUDA torch of $(PY)"; \
+		$(PY) -m venv --system-site-packages $(VENV); \
+		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel; \
+	else \
+		$(PY) -m venv $(VENV); \
+		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel; \
+		$(BIN)/python -m pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: env
+	$(BIN)/fastlora demo
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

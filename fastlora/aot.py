@@ -1,0 +1,156 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPUs, with no GPU present.
+
+Each kernel module registers a :class:`KernelSpec` per signature and tuning config its
+launcher may pick. ``python -m fastlora.aot`` compiles all of them for sm_80 and sm_90 and
+reports registers, spill stack, shared memory and tensor-core instruction counts read from the
+cubin with triton's own ``cuobjdump``. The test suite runs it in a subprocess (without
+``TRITON_INTERPRET``), so a kernel that only the interpreter accepts fails CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compile of one kernel: a signature plus constexpr values and launch options.
+
+    Attributes:
+        name: readable id, e.g. "dequantize_4bit[bf16,nested]".
+        fn: the ``@triton.jit`` function.
+        signature: argument name -> triton type ("*fp32", "i32", "fp32", "constexpr").
+        constexprs: values of the constexpr arguments.
+        num_warps, num_stages: launch options of this config.
+        tensor_core: True when the SASS on sm_90 must use HGMMA (wgmma) instructions.
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_core: bool = False
+
+
+_REGISTRY: list[KernelSpec] = []
+
+
+def register(spec: KernelSpec) -> None:
+    _REGISTRY.append(spec)
+
+
+def registered() -> list[KernelSpec]:
+    """All kernel specs, after importing every kernel module."""
+    import fastlora.kernels  # noqa: F401  (registers on import)
+
+    return list(_REGISTRY)
+
+
+@dataclasses.dataclass
+class CompiledInfo:
+    name: str
+    arch: int
+    registers: int
+    stack: int  # bytes of stack frame: spills, local arrays or a call frame (e.g. IEEE division slow path)
+    spill_stores: int  # STL instructions: register spills or local arrays
+    spill_loads: int  # LDL instructions
+    shared: int
+    hgmma: int
+    hmma: int
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> CompiledInfo:
+    """Compile ``spec`` for ``sm_<arch>`` and read its resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = spec.fn
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError(f"{spec.name}: not a JITFunction; unset TRITON_INTERPRET to compile ahead of time")
+    src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return CompiledInfo(
+        name=spec.name,
+        arch=arch,
+        registers=int(regs.group(1)) if regs else -1,
+        stack=int(stack.group(1)) if stack else -1,
+        spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
+        spill_loads=len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
+        shared=int(compiled.metadata.shared),
+        hgmma=sass.count("HGMMA"),
+        hmma=len(re.findall(r"\bHMMA\b", sass)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile every registered kernel; print a table, or JSON with ``--json``. Exit 1 on any failure."""
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("fastlora.aot: unset TRITON_INTERPRET to compile kernels ahead of time", file=sys.stderr)
+        return 2
+    # Under ``python -m`` this file runs as __main__: the kernels register into the imported
+    # fastlora.aot module, so read the registry from there.
+    import fastlora.aot
+
+    archs = [80, 90]
+    results: list[dict[str, Any]] = []
+    failed = 0
+    for spec in fastlora.aot.registered():
+        for arch in archs:
+            try:
+                info = dataclasses.asdict(compile_spec(spec, arch))
+                info["ok"] = True
+            except Exception as e:  # report every failure, keep going
+                failed += 1
+                info = {
+                    "name": spec.name,
+                    "arch": arch,
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}"[:2000],
+                }
+            info["tensor_core"] = spec.tensor_core
+            results.append(info)
+    if "--json" in argv:
+        json.dump(results, sys.stdout)
+    else:
+        print(
+            f"{'kernel':60s} {'sm':>3s} {'regs':>5s} {'stack':>5s} {'STL':>4s} {'smem':>7s} {'HGMMA':>6s} {'HMMA':>5s}"
+        )
+        for r in results:
+            if r["ok"]:
+                print(
+                    f"{r['name']:60s} {r['arch']:3d} {r['registers']:5d} {r['stack']:5d} {r['spill_stores']:4d} "
+                    f"{r['shared']:7d} {r['hgmma']:6d} {r['hmma']:5d}"
+                )
+            else:
+                print(f"{r['name']:60s} {r['arch']:3d} FAILED {r['error']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

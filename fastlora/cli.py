@@ -1,0 +1,37 @@
+"""The ``fastlora`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastlora", description="Kernel-optimised LoRA/QLoRA for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="quantise a layer to NF4, check it against bitsandbytes, print error and memory")
+    demo.add_argument("--in-features", type=int, default=4096)
+    demo.add_argument("--out-features", type=int, default=4096)
+    demo.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    demo.add_argument("--blocksize", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and print registers, spills, wgmma use")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from fastlora.demo import run_demo
+
+        report = run_demo(args.in_features, args.out_features, args.quant_type, args.blocksize, args.seed)
+        ok = report["plain_bnb_identical"] and report["dq_bnb_identical"]
+        return 0 if ok else 1
+    if args.command == "aot":
+        from fastlora.aot import main as aot_main
+
+        return aot_main([])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

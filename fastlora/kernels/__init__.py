@@ -1,0 +1,7 @@
+"""Triton kernels, one concern per module, each with its PyTorch reference beside it (``*_ref.py``).
+
+Importing this package registers every kernel's ahead-of-time compile specs (see
+:mod:`fastlora.aot`).
+"""
+
+from fastlora.kernels import quant4  # noqa: F401

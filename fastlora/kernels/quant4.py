@@ -1,0 +1,228 @@
+"""Triton kernels: blockwise 4-bit (NF4/FP4) quantisation and dequantisation.
+
+The PyTorch reference (the spec) is :mod:`fastlora.kernels.quant4_ref`; both are byte-for-byte
+equal to bitsandbytes. The kernels run on CUDA tensors, and on CPU tensors under
+``TRITON_INTERPRET=1`` (tests).
+
+Two details keep the results bit-exact on every backend:
+- quantisation divides with ``tl.div_rn`` (IEEE round-to-nearest; plain ``/`` may be an
+  approximate division on the GPU), and dequantisation of nested absmax is compiled without
+  FMA contraction, as bitsandbytes computes ``code[q] * absmax2`` and ``+ offset`` separately;
+- bf16 outputs are rounded to nearest-even with integer arithmetic before the cast, because
+  the interpreter's fp32->bf16 cast truncates (the GPU's rounds: both then agree).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora import _alloc
+from fastlora.aot import KernelSpec, register
+from fastlora.quant.codes import BLOCKSIZES, get_bounds
+from fastlora.quant.state import QuantState
+
+_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@triton.jit
+def round_to_bf16_bits(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (exact to cast afterwards)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    w_ptr,  # (n,) fp32/fp16/bf16
+    packed_ptr,  # (ceil(n/2),) uint8
+    absmax_ptr,  # (nblocks,) fp32
+    bounds_ptr,  # (15,) fp32 midpoints between sorted codes
+    order_ptr,  # (16,) int32 stored index of the i-th smallest code
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,  # blocks per program
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCKSIZE)
+    offs = rows.to(tl.int64)[:, None] * BLOCKSIZE + cols[None, :]
+    x = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+
+    absmax = tl.max(tl.abs(x), axis=1)
+    clamped = tl.maximum(absmax, 1e-38)
+    # Full blocks: x * (1 / absmax); the partial last block: x / absmax (as bitsandbytes).
+    recip = tl.div_rn(tl.full([ROWS], 1.0, tl.float32), clamped)
+    is_full = (rows.to(tl.int64) + 1) * BLOCKSIZE <= n
+    scaled = tl.where(is_full[:, None], x * recip[:, None], tl.div_rn(x, clamped[:, None]))
+    # An all-zero block scales to 0 even where the GPU flushes the 1e-38 clamp to zero.
+    scaled = tl.where(absmax[:, None] > 0, scaled, 0.0)
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+
+    # Nearest code: count the midpoints strictly below the value (ties go to the lower code).
+    rank = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
+    for i in tl.static_range(15):
+        rank += (scaled > tl.load(bounds_ptr + i)).to(tl.int32)
+    idx = tl.load(order_ptr + rank)
+
+    hi, lo = tl.split(tl.reshape(idx, (ROWS, BLOCKSIZE // 2, 2)))
+    byte = ((hi << 4) | lo).to(tl.uint8)
+    boffs = rows.to(tl.int64)[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + boffs, byte, mask=boffs < (n + 1) // 2)
+    tl.store(absmax_ptr + rows, absmax, mask=rows.to(tl.int64) * BLOCKSIZE < n)
+
+
+@triton.jit
+def load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED: tl.constexpr):
+    """fp32 absmax of each ``block`` index, de-nesting double-quantised statistics."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * scale + offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,  # (ceil(n/2),) uint8
+    absmax_ptr,  # (nblocks,) fp32, or uint8 when NESTED
+    code_ptr,  # (16,) fp32
+    out_ptr,  # (n,) fp32/fp16/bf16
+    nested_absmax_ptr,  # (ceil(nblocks/256),) fp32 (unused unless NESTED)
+    nested_code_ptr,  # (256,) fp32 (unused unless NESTED)
+    offset,  # fp32
+    n,
+    log2_blocksize,
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,  # bytes per program; 2 * BLOCK values
+):
+    pid = tl.program_id(0)
+    boffs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
+    idx = tl.reshape(tl.join(byte >> 4, byte & 0xF), (2 * BLOCK,))  # high nibble first
+
+    offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    mask = offs < n
+    absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs >> log2_blocksize, mask, NESTED)
+    value = tl.load(code_ptr + idx) * absmax
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        value = round_to_bf16_bits(value)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_per_program(blocksize: int) -> int:
+    return max(1, 2048 // blocksize)
+
+
+_DEQUANT_BLOCK = 1024  # bytes per program (2048 values)
+
+
+def quantize_4bit_triton(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`~fastlora.kernels.quant4_ref.quantize_4bit_ref`.
+
+    Args:
+        w: float tensor (fp32/fp16/bf16), any shape, n elements; made contiguous if needed.
+
+    Returns:
+        packed: (ceil(n / 2),) uint8; absmax: (ceil(n / blocksize),) fp32.
+    """
+    w = w.reshape(-1)
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    n = w.numel()
+    bounds, order = get_bounds(quant_type, w.device)
+    packed = _alloc.empty(((n + 1) // 2,), dtype=torch.uint8, device=w.device)
+    absmax = _alloc.empty((-(-n // blocksize),), dtype=torch.float32, device=w.device)
+    rows = _rows_per_program(blocksize)
+    grid = (triton.cdiv(n, rows * blocksize),)
+    _quantize_4bit_kernel[grid](w, packed, absmax, bounds, order, n, BLOCKSIZE=blocksize, ROWS=rows)
+    return packed, absmax
+
+
+def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton twin of :func:`~fastlora.kernels.quant4_ref.dequantize_4bit_ref`, de-nesting in the kernel.
+
+    Args:
+        packed: packed 4-bit data, ``state.packed_numel`` bytes (any storage dtype).
+        state: its :class:`QuantState` (on the same device).
+        out_dtype: fp32, fp16 or bf16.
+
+    Returns:
+        Tensor of ``state.shape`` and ``out_dtype``.
+    """
+    packed = packed.reshape(-1).view(torch.uint8)
+    n = state.numel
+    out = _alloc.empty((n,), dtype=out_dtype, device=packed.device)
+    nested = state.nested
+    if nested is not None:
+        nested_absmax, nested_code, offset = nested.absmax, nested.code, nested.offset
+    else:  # unused by the kernel; any fp32 tensor will do
+        nested_absmax, nested_code, offset = state.absmax, state.code, 0.0
+    grid = (triton.cdiv(state.packed_numel, _DEQUANT_BLOCK),)
+    _dequantize_4bit_kernel[grid](
+        packed,
+        state.absmax,
+        state.code,
+        out,
+        nested_absmax,
+        nested_code,
+        offset,
+        n,
+        int(math.log2(state.blocksize)),
+        NESTED=nested is not None,
+        BLOCK=_DEQUANT_BLOCK,
+        enable_fp_fusion=False,
+    )
+    return out.view(state.shape)
+
+
+def _register_aot_specs() -> None:
+    for dtype, ptr in _TL_PTR.items():
+        for bs in BLOCKSIZES:
+            register(
+                KernelSpec(
+                    name=f"quantize_4bit[{str(dtype)[6:]},bs={bs}]",
+                    fn=_quantize_4bit_kernel,
+                    signature={
+                        "w_ptr": ptr,
+                        "packed_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "bounds_ptr": "*fp32",
+                        "order_ptr": "*i32",
+                        "n": "i32",
+                        "BLOCKSIZE": "constexpr",
+                        "ROWS": "constexpr",
+                    },
+                    constexprs={"BLOCKSIZE": bs, "ROWS": _rows_per_program(bs)},
+                )
+            )
+        for nested in (False, True):
+            register(
+                KernelSpec(
+                    name=f"dequantize_4bit[{str(dtype)[6:]},nested={nested}]",
+                    fn=_dequantize_4bit_kernel,
+                    signature={
+                        "packed_ptr": "*u8",
+                        "absmax_ptr": "*u8" if nested else "*fp32",
+                        "code_ptr": "*fp32",
+                        "out_ptr": ptr,
+                        "nested_absmax_ptr": "*fp32",
+                        "nested_code_ptr": "*fp32",
+                        "offset": "fp32",
+                        "n": "i32",
+                        "log2_blocksize": "i32",
+                        "NESTED": "constexpr",
+                        "BLOCK": "constexpr",
+                    },
+                    constexprs={"NESTED": nested, "BLOCK": _DEQUANT_BLOCK},
+                )
+            )
+
+
+_register_aot_specs()

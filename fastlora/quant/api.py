@@ -1,0 +1,125 @@
+"""Public 4-bit API: ``quantize_4bit`` and ``dequantize_4bit``, dispatching to a backend."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlora import _backend
+from fastlora.kernels.quant4_ref import (
+    dequantize_4bit_ref,
+    dequantize_blockwise_ref,
+    quantize_4bit_ref,
+    quantize_blockwise_ref,
+)
+from fastlora.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code, get_dynamic_map
+from fastlora.quant.state import NestedState, QuantState
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    *,
+    quant_storage: torch.dtype = torch.uint8,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantise a float tensor to blockwise 4-bit, byte-identical to ``bnb.functional.quantize_4bit``.
+
+    Args:
+        w: fp32/fp16/bf16 tensor of any shape (n elements), e.g. a (N, K) linear weight.
+        quant_type: "nf4" or "fp4".
+        blocksize: 32, 64, 128, 256, 512, 1024, 2048 or 4096 values per absmax.
+        double_quant: quantise the absmax statistics to 8 bits (bitsandbytes' compress_statistics).
+        quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bf16 for FSDP).
+        backend: "torch", "triton" or "cuda"; default by device (see :mod:`fastlora._backend`).
+
+    Returns:
+        packed: (ceil(n / 2) / itemsize(quant_storage), 1) tensor of ``quant_storage``.
+        state: the :class:`QuantState` that dequantises it.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize_4bit: w must be a tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_4bit: w must be float32/float16/bfloat16, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"quantize_4bit: w is empty (shape {tuple(w.shape)})")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quantize_4bit: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"quantize_4bit: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    nbytes = -(-w.numel() // 2)
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    if nbytes % itemsize:
+        raise ValueError(
+            f"quantize_4bit: {nbytes} packed bytes do not fill whole {quant_storage} elements ({itemsize} bytes each)"
+        )
+    bad = (~torch.isfinite(w)).sum().item()
+    if bad:
+        raise ValueError(f"quantize_4bit: w has {bad} NaN/Inf values; a 4-bit block cannot represent them")
+
+    if _backend.select(w, backend, op="quantize_4bit") == "triton":
+        from fastlora.kernels.quant4 import quantize_4bit_triton
+
+        packed, absmax = quantize_4bit_triton(w, quant_type, blocksize)
+    else:
+        packed, absmax = quantize_4bit_ref(w, quant_type, blocksize)
+
+    nested = None
+    if double_quant:
+        offset = absmax.mean()
+        code2 = get_dynamic_map(w.device)
+        absmax, absmax2 = quantize_blockwise_ref(absmax - offset, code2, NESTED_BLOCKSIZE)
+        nested = NestedState(absmax=absmax2, code=code2, offset=float(offset), blocksize=NESTED_BLOCKSIZE)
+    state = QuantState(
+        absmax=absmax,
+        shape=w.shape,
+        dtype=w.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=get_code(quant_type, w.device),
+        nested=nested,
+    )
+    return packed.view(quant_storage).unsqueeze(1), state
+
+
+def absmax_fp32(state: QuantState) -> torch.Tensor:
+    """(nblocks,) fp32 absmax of ``state``, de-nesting double-quantised statistics as bitsandbytes does."""
+    if state.nested is None:
+        return state.absmax
+    nested = state.nested
+    return dequantize_blockwise_ref(state.absmax, nested.absmax, nested.code, nested.blocksize) + nested.offset
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    out_dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dequantise a blockwise 4-bit tensor; equal to ``bnb.functional.dequantize_4bit``.
+
+    Args:
+        packed: the packed data from :func:`quantize_4bit` (or bitsandbytes), any storage dtype.
+        state: its :class:`QuantState`, on the same device.
+        out_dtype: fp32, fp16 or bf16; default ``state.dtype``. Values are computed in fp32 and
+            rounded to nearest-even.
+        backend: "torch", "triton" or "cuda"; default by device.
+
+    Returns:
+        Tensor of ``state.shape`` and ``out_dtype``.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"dequantize_4bit: state must be a fastlora QuantState, got {type(state).__name__}")
+    state.validate(packed, where="dequantize_4bit")
+    out_dtype = out_dtype or state.dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize_4bit: out_dtype must be float32/float16/bfloat16, got {out_dtype}")
+    if _backend.select(packed, backend, op="dequantize_4bit") == "triton":
+        from fastlora.kernels.quant4 import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, state, out_dtype)
+    return dequantize_4bit_ref(packed, absmax_fp32(state), state.code, state.blocksize, tuple(state.shape), out_dtype)

@@ -1,0 +1,68 @@
+"""Every Triton kernel and tuning config compiles for sm_80 and sm_90, with no GPU and no spills.
+
+Spills are read from the SASS (local stores/loads). The cubin's stack size also counts call
+frames, e.g. of the IEEE division slow path the quantiser needs for bit-exactness, so
+``stack == 0`` is required only of the tensor-core GEMM kernels.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+import fastlora.kernels
+from fastlora.aot import registered
+
+SPEC_NAMES = [spec.name for spec in registered()]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Compile everything once, in a subprocess without TRITON_INTERPRET (real JITFunctions)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlora.aot", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert proc.stdout, proc.stderr[-4000:]
+    results = json.loads(proc.stdout)
+    return {(r["name"], r["arch"]): r for r in results}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_kernel_compiles_without_spills(compiled, name, arch):
+    result = compiled[(name, arch)]
+    assert result["ok"], result.get("error")
+    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"{name} on sm_{arch} spills: {result}"
+    assert 0 < result["registers"] <= 255
+    if result["tensor_core"]:
+        # GEMM kernels: not even a call frame, and wgmma on Hopper.
+        assert result["stack"] == 0, f"{name} on sm_{arch} uses stack: {result}"
+        if arch == 90:
+            assert result["hgmma"] > 0, f"{name}: no wgmma (HGMMA) on sm_90: {result}"
+
+
+def test_every_kernel_has_a_spec():
+    """A kernel added without registering its compile specs would escape the GPU-compile check."""
+    covered = {getattr(spec.fn, "__name__", None) or spec.fn.fn.__name__ for spec in registered()}
+    kernels = set()
+    for module_name in dir(fastlora.kernels):
+        module = getattr(fastlora.kernels, module_name)
+        for attr in dir(module):
+            obj = getattr(module, attr)
+            if attr.endswith("_kernel") and hasattr(obj, "fn"):
+                kernels.add(obj.fn.__name__)
+    assert kernels, "no kernels found"
+    assert kernels <= covered, f"kernels without AOT specs: {sorted(kernels - covered)}"
+
+
+def test_triton_version_is_supported():
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    assert (major, minor) >= (3, 6)
