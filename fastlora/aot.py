@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -107,6 +108,21 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompiledInfo:
     )
 
 
+_SPECS: list[KernelSpec] = []
+
+
+def _compile_job(job: tuple[int, int]) -> dict[str, Any]:
+    index, arch = job
+    spec = _SPECS[index]
+    try:
+        info = dataclasses.asdict(compile_spec(spec, arch))
+        info["ok"] = True
+    except Exception as e:  # report every failure, keep going
+        info = {"name": spec.name, "arch": arch, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    info["tensor_core"] = spec.tensor_core
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile every registered kernel; print a table, or JSON with ``--json``. Exit 1 on any failure."""
     argv = sys.argv[1:] if argv is None else argv
@@ -117,24 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     # fastlora.aot module, so read the registry from there.
     import fastlora.aot
 
-    archs = [80, 90]
-    results: list[dict[str, Any]] = []
-    failed = 0
-    for spec in fastlora.aot.registered():
-        for arch in archs:
-            try:
-                info = dataclasses.asdict(compile_spec(spec, arch))
-                info["ok"] = True
-            except Exception as e:  # report every failure, keep going
-                failed += 1
-                info = {
-                    "name": spec.name,
-                    "arch": arch,
-                    "ok": False,
-                    "error": f"{type(e).__name__}: {e}"[:2000],
-                }
-            info["tensor_core"] = spec.tensor_core
-            results.append(info)
+    global _SPECS
+    _SPECS = fastlora.aot.registered()
+    jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (80, 90)]
+    # Compiling is CPU-bound and independent per spec: one worker per core (forked, so the
+    # workers share the registry).
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(_compile_job, jobs, chunksize=1)
+    failed = sum(not r["ok"] for r in results)
     if "--json" in argv:
         json.dump(results, sys.stdout)
     else:

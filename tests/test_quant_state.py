@@ -158,6 +158,7 @@ def _with_meta(sd, **changes):
         ),
         (lambda sd: {**sd, "weight.quant_map": torch.zeros(15)}, r"quant_map must have shape \(16,\)"),
         (lambda sd: _with_meta(sd, nested_offset="abc"), "nested_offset must be a number"),
+        (lambda sd: {**sd, "weight.quant_map": sd["weight.quant_map"] * 1.01}, "not the standard nf4 table"),
     ],
     ids=[
         "no-absmax",
@@ -173,6 +174,7 @@ def _with_meta(sd, **changes):
         "absmax-dtype",
         "quant-map",
         "offset",
+        "custom-code",
     ],
 )
 def test_state_dict_errors_name_the_field(mutate, match):

@@ -77,6 +77,36 @@ def _quantize_4bit_kernel(
 
 
 @triton.jit
+def _pick(bit, if_set, if_clear):
+    return tl.where(bit, if_set, if_clear)
+
+
+@triton.jit
+def code_value(idx, FP4: tl.constexpr):
+    """fp32 code of 4-bit indices ``idx`` (int32 in 0..15) from the standard NF4/FP4 table, in registers.
+
+    A select tree rather than a table load: inside a GEMM loop a per-element gather is staged in
+    shared memory by the software pipeliner (64 KB a stage for a 64x256 tile), and spills.
+    """
+    b0 = (idx & 1) != 0
+    b1 = (idx & 2) != 0
+    b2 = (idx & 4) != 0
+    if FP4:  # sign-magnitude e2m1 / 12: bit 3 is the sign
+        low = _pick(b1, _pick(b0, 1.0, 0.6666666865348816), _pick(b0, 0.0052083334885537624, 0.0))
+        high = _pick(b1, _pick(b0, 0.25, 0.1666666716337204), _pick(b0, 0.5, 0.3333333432674408))
+        magnitude = _pick(b2, high, low)
+        return tl.where((idx & 8) != 0, -magnitude, magnitude)
+    else:
+        n0 = _pick(b1, _pick(b0, -0.39491748809814453, -0.5250730514526367), _pick(b0, -0.6961928009986877, -1.0))
+        n1 = _pick(b1, _pick(b0, 0.0, -0.09105003625154495), _pick(b0, -0.18477343022823334, -0.28444138169288635))
+        p0 = _pick(
+            b1, _pick(b0, 0.33791524171829224, 0.24611230194568634), _pick(b0, 0.16093020141124725, 0.07958029955625534)
+        )
+        p1 = _pick(b1, _pick(b0, 1.0, 0.7229568362236023), _pick(b0, 0.5626170039176941, 0.44070982933044434))
+        return _pick((idx & 8) != 0, _pick(b2, p1, p0), _pick(b2, n1, n0))
+
+
+@triton.jit
 def load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED: tl.constexpr):
     """fp32 absmax of each ``block`` index, de-nesting double-quantised statistics."""
     if NESTED:

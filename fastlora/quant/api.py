@@ -56,6 +56,8 @@ def quantize_4bit(
         raise ValueError(
             f"quantize_4bit: {nbytes} packed bytes do not fill whole {quant_storage} elements ({itemsize} bytes each)"
         )
+    if w.is_meta:  # shapes only: meta-device model construction
+        return _quantize_meta(w, quant_type, blocksize, double_quant, quant_storage)
     bad = (~torch.isfinite(w)).sum().item()
     if bad:
         raise ValueError(f"quantize_4bit: w has {bad} NaN/Inf values; a 4-bit block cannot represent them")
@@ -82,6 +84,23 @@ def quantize_4bit(
         code=get_code(quant_type, w.device),
         nested=nested,
     )
+    return packed.view(quant_storage).unsqueeze(1), state
+
+
+def _quantize_meta(w, quant_type, blocksize, double_quant, quant_storage) -> tuple[torch.Tensor, QuantState]:
+    nblocks = -(-w.numel() // blocksize)
+    packed = torch.empty((-(-w.numel() // 2),), dtype=torch.uint8, device="meta")
+    nested = None
+    if double_quant:
+        absmax = torch.empty((nblocks,), dtype=torch.uint8, device="meta")
+        nested = NestedState(
+            absmax=torch.empty((-(-nblocks // NESTED_BLOCKSIZE),), device="meta"),
+            code=torch.empty((256,), device="meta"),
+            offset=0.0,
+        )
+    else:
+        absmax = torch.empty((nblocks,), dtype=torch.float32, device="meta")
+    state = QuantState(absmax, w.shape, w.dtype, blocksize, quant_type, torch.empty((16,), device="meta"), nested)
     return packed.view(quant_storage).unsqueeze(1), state
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastlora.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from fastlora.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code
 
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,6 +96,15 @@ class QuantState:
             total += self.nested.absmax.numel() * 4 + self.nested.code.numel() * 4 + 4
         return total
 
+    def check_code_table(self, *, where: str = "QuantState") -> None:
+        """The kernels use the standard NF4/FP4 tables in registers: reject any other ``quant_map``."""
+        expected = get_code(self.quant_type, self.code.device)
+        if not torch.equal(self.code, expected):
+            raise ValueError(
+                f"{where}: quant_map is not the standard {self.quant_type} table "
+                f"(max difference {(self.code - expected).abs().max().item():.3g})"
+            )
+
     def validate(self, packed: torch.Tensor | None = None, *, where: str = "QuantState") -> None:
         """Raise ``ValueError``/``TypeError`` naming the field that is inconsistent."""
         if self.quant_type not in QUANT_TYPES:
@@ -151,6 +160,7 @@ class QuantState:
             nested=nested,
         )
         state.validate(where="bitsandbytes QuantState")
+        state.check_code_table(where="bitsandbytes QuantState")
         return state
 
     def to_bnb(self) -> Any:
@@ -265,6 +275,7 @@ class QuantState:
             nested=nested,
         )
         state.validate(packed, where=where)
+        state.check_code_table(where=where)
         return state
 
 

@@ -1,0 +1,452 @@
+"""Triton kernel: the fused LoRA/QLoRA GEMM, forward and input-gradient.
+
+One kernel computes ``out = X · V + U · L (+ bias)`` over an M×N output tile grid:
+
+- forward:  ``y  = x  · Wᵀ + (s·u) · Bᵀ + b``  (V[k, n] = W[n, k], L = Bᵀ), inner size K;
+- backward: ``dx = g  · W  +   v   · A``        (V[n, k] = W[n, k], L = A),  inner size N,
+
+i.e. ``[x | s·u] · [Wᵀ ; Bᵀ]`` and ``[g | v] · [W ; A]``: the low-rank term is R extra inner
+steps of the same accumulator, not a second pass over the output. W is read through two
+strides, so both directions use one kernel. A 4-bit W (NF4/FP4, bitsandbytes layout, optionally
+double-quantised) is dequantised tile by tile in registers; no dequantised copy of W is ever
+written to memory. The reference is :mod:`fastlora.kernels.lora_ref`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora import _alloc, _backend
+from fastlora.aot import KernelSpec, register
+from fastlora.kernels.quant4 import code_value, load_absmax, round_to_bf16_bits
+from fastlora.quant.state import QuantState
+
+
+@triton.jit
+def _mma(a, b, acc, FP32_DOT: tl.constexpr):
+    if FP32_DOT:  # fp32 inputs (IEEE, no TF32), and every dtype under the interpreter
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def _w4_tile(
+    w_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset,
+    log2_blocksize,
+    rows,
+    c0,
+    N,
+    K,
+    ALIGNED: tl.constexpr,
+    FP4: tl.constexpr,
+    NESTED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """fp32 tile ``W[rows, c0 : c0 + BC]`` of a 4-bit (N, K) W, zero outside W.
+
+    ALIGNED (K even, K % blocksize == 0, c0 even): the bytes load as a [ROWS, BC/2] tile and
+    split into nibbles; absmax loads once per 32 columns (the smallest blocksize) and is
+    broadcast. Otherwise (odd K, blocks across rows) every element gathers its byte and absmax.
+    """
+    cols = c0 + tl.arange(0, BC)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    if ALIGNED:
+        half = tl.arange(0, BC // 2)
+        byte = tl.load(
+            w_ptr + rows[:, None] * (K // 2) + (c0 // 2 + half)[None, :],
+            mask=(rows < N)[:, None] & ((c0 + 2 * half) < K)[None, :],
+            other=0,
+        ).to(tl.int32)
+        idx = tl.reshape(tl.join(byte >> 4, byte & 0xF), (ROWS, BC))  # high nibble first
+        chunk = c0 + 32 * tl.arange(0, BC // 32)
+        block = rows[:, None] * (K >> log2_blocksize) + (chunk >> log2_blocksize)[None, :]
+        chunk_mask = (rows < N)[:, None] & (chunk < K)[None, :]
+        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, chunk_mask, NESTED)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (ROWS, BC // 32, 32)), (ROWS, BC))
+    else:
+        flat = rows[:, None] * K + cols[None, :]
+        byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        idx = tl.where((flat & 1) == 1, byte & 0xF, byte >> 4)  # even element: high nibble
+        block = flat >> log2_blocksize
+        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
+    return tl.where(mask, code_value(idx, FP4) * absmax, 0.0)
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    x_ptr,  # (M, K) activations
+    w_ptr,  # dense W, or packed 4-bit bytes
+    u_ptr,  # (M, R) low-rank activations (already scaled)
+    l_ptr,  # (R, N) low-rank weight, read through strides
+    bias_ptr,  # (N,)
+    out_ptr,  # (M, N)
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset,
+    log2_blocksize,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotuning key only: next power of two of M
+    stride_xm,
+    stride_xk,
+    stride_wk,  # dense: V[k, n] = W at k * stride_wk + n * stride_wn
+    stride_wn,
+    W_ROWS,  # 4-bit: W is (W_ROWS, W_COLS) row-major
+    W_COLS,
+    stride_um,
+    stride_ur,
+    stride_lr,
+    stride_ln,
+    stride_om,
+    stride_on,
+    W_4BIT: tl.constexpr,
+    FP4: tl.constexpr,  # 4-bit code table: FP4, else NF4
+    W_ALIGNED: tl.constexpr,  # 4-bit rows hold whole bytes and whole blocks
+    W_TRANS: tl.constexpr,  # 4-bit: V = Wᵀ (forward) rather than W (input gradient)
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-tiles walk the N tiles together, so W tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_mask = rk < K
+        a = tl.load(
+            x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if W_4BIT:
+            if W_TRANS:  # V[k, n] = W[n, k]: W rows rn, columns k0 .. k0 + BK
+                w = _w4_tile(
+                    w_ptr,
+                    absmax_ptr,
+                    nested_absmax_ptr,
+                    nested_code_ptr,
+                    offset,
+                    log2_blocksize,
+                    rn,
+                    k0,
+                    W_ROWS,
+                    W_COLS,
+                    W_ALIGNED,
+                    FP4,
+                    NESTED,
+                    BN,
+                    BK,
+                )
+                b = tl.trans(w)
+            else:  # V[n, k] = W[n, k]: W rows rk, columns pid_n * BN .. + BN
+                b = _w4_tile(
+                    w_ptr,
+                    absmax_ptr,
+                    nested_absmax_ptr,
+                    nested_code_ptr,
+                    offset,
+                    log2_blocksize,
+                    rk,
+                    pid_n * BN,
+                    W_ROWS,
+                    W_COLS,
+                    W_ALIGNED,
+                    FP4,
+                    NESTED,
+                    BK,
+                    BN,
+                )
+        else:
+            b = tl.load(
+                w_ptr + rk.to(tl.int64)[:, None] * stride_wk + rn64[None, :] * stride_wn,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+        acc = _mma(a, b, acc, FP32_DOT)
+
+    if HAS_LORA:
+        for r0 in range(0, R, BR):
+            rr = r0 + tl.arange(0, BR)
+            r_mask = rr < R
+            u = tl.load(
+                u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+                mask=m_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            lw = tl.load(
+                l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = _mma(u, lw, acc, FP32_DOT)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        acc = round_to_bf16_bits(acc)  # the interpreter's cast truncates; make both round to nearest
+    tl.store(
+        out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+# Tuning configs. Tensor-core dtypes (bf16/fp16): large tiles for training sizes (M >= 512), narrow
+# ones for decode (M <= 16). fp32 runs IEEE FMA dots (no TF32), so smaller tiles. The general
+# 4-bit path (odd K, blocks across rows) gathers per element and is kept unpipelined and small.
+# Under the interpreter one small config runs (triton.autotune with several configs fails there).
+BR = 16  # low-rank inner step: the smallest tensor-core K
+# Every config here compiles without a spill for every variant on sm_80 and sm_90 (tests/test_aot.py);
+# the dequantised W tile costs registers, hence BK = 32 at training sizes.
+TC_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 64, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BN": 32, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+]
+FP32_CONFIGS = [
+    triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 64, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
+]
+GENERAL_4BIT_CONFIG = triton.Config({"BM": 64, "BN": 32, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2)
+INTERPRETER_CONFIG = triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
+_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "W_4BIT", "W_ALIGNED", "W_TRANS", "NESTED"]
+
+
+def configs_for(dtype: torch.dtype, w_4bit: bool, w_aligned: bool) -> list[triton.Config]:
+    """The configs the launcher may pick for one kernel variant (all compiled ahead of time in CI)."""
+    if w_4bit and not w_aligned:
+        return [GENERAL_4BIT_CONFIG]
+    return FP32_CONFIGS if dtype == torch.float32 else TC_CONFIGS
+
+
+_tuned: dict[tuple, object] = {}
+
+
+def _tuned_kernel(dtype: torch.dtype, w_4bit: bool, w_aligned: bool):
+    key = (dtype == torch.float32, w_4bit and not w_aligned)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(configs=configs_for(dtype, w_4bit, w_aligned), key=_TUNING_KEY)(
+            _lora_matmul_kernel
+        )
+    return _tuned[key]
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState | None,
+    n_out: int,
+    w_trans: bool,
+    u: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    l_strides: tuple[int, int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out (M, n_out) = x · V + u · L + bias, V = Wᵀ (w_trans) or W."""
+    m, k = x.shape
+    out = _alloc.empty((m, n_out), dtype=x.dtype, device=x.device)
+    r = u.shape[1] if u is not None else 0
+    w_4bit = state is not None
+    nested = w_4bit and state.nested is not None
+    if w_4bit:
+        w_rows, w_cols = state.shape
+        aligned = w_cols % 2 == 0 and w_cols % state.blocksize == 0
+        absmax = state.absmax
+        nested_absmax = state.nested.absmax if nested else absmax
+        nested_code = state.nested.code if nested else state.code
+        offset = state.nested.offset if nested else 0.0
+        log2_bs = int(math.log2(state.blocksize))
+        weight = weight.view(torch.uint8)
+        stride_wk = stride_wn = 0
+    else:  # unused pointers: any tensor
+        w_rows, w_cols = weight.shape
+        aligned = False
+        absmax = nested_absmax = nested_code = weight
+        offset, log2_bs = 0.0, 0
+        stride_wk, stride_wn = (weight.stride(1), weight.stride(0)) if w_trans else weight.stride()
+    args = (
+        x,
+        weight,
+        u if u is not None else out,
+        lr if lr is not None else out,
+        bias if bias is not None else out,
+        out,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        log2_bs,
+        m,
+        n_out,
+        k,
+        r,
+        triton.next_power_of_2(m),
+        x.stride(0),
+        x.stride(1),
+        stride_wk,
+        stride_wn,
+        w_rows,
+        w_cols,
+        u.stride(0) if u is not None else 0,
+        u.stride(1) if u is not None else 0,
+        l_strides[0],
+        l_strides[1],
+        out.stride(0),
+        out.stride(1),
+    )
+    flags = {
+        "W_4BIT": w_4bit,
+        "FP4": w_4bit and state.quant_type == "fp4",
+        "W_ALIGNED": aligned,
+        "W_TRANS": w_trans,
+        "NESTED": nested,
+        "HAS_BIAS": bias is not None,
+        "HAS_LORA": r > 0,
+        "FP32_DOT": x.dtype == torch.float32 or _backend.interpreting(),
+        "BR": BR,
+    }
+    if _backend.interpreting():
+        cfg = INTERPRETER_CONFIG.kwargs
+        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]),)
+        _lora_matmul_kernel[grid](*args, **flags, **cfg)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)
+
+        _tuned_kernel(x.dtype, w_4bit, aligned)[grid](*args, **flags)
+    return out
+
+
+def lora_fwd_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState | None,
+    bias: torch.Tensor | None,
+    u_scaled: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = x Wᵀ + (s·u) Bᵀ + b`` in one launch.
+
+    Args:
+        x: (M, K) fp32/fp16/bf16, any strides.
+        weight: (N, K) dense in x's dtype, or the packed 4-bit bytes that ``state`` describes.
+        state: QuantState of a 4-bit (N, K) weight, or None for a dense weight.
+        bias: (N,) or None.
+        u_scaled: (M, r) ``s · d(x) Aᵀ`` in x's dtype, or None for no low-rank term.
+        lora_b: (N, r) in x's dtype.
+
+    Returns:
+        (M, N) in x's dtype.
+    """
+    n = state.shape[0] if state is not None else weight.shape[0]
+    l_strides = (lora_b.stride(1), lora_b.stride(0)) if lora_b is not None else (0, 0)
+    return _launch(x, weight, state, n, True, u_scaled, lora_b, l_strides, bias)
+
+
+def lora_bwd_dx_triton(
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState | None,
+    v: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dx = g W + v A`` in one launch (``v = s·g B``; v=None gives ``g W`` alone).
+
+    Args:
+        g: (M, N) gradient of the output, any strides.
+        weight, state: as in :func:`lora_fwd_triton`.
+        v: (M, r) or None.  lora_a: (r, K).
+
+    Returns:
+        (M, K) in g's dtype.
+    """
+    k = state.shape[1] if state is not None else weight.shape[1]
+    l_strides = (lora_a.stride(0), lora_a.stride(1)) if lora_a is not None else (0, 0)
+    return _launch(g, weight, state, k, False, v, lora_a, l_strides, None)
+
+
+def _register_aot_specs() -> None:
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    ints = ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "W_ROWS", "W_COLS")
+    ints += tuple(f"stride_{s}" for s in ("um", "ur", "lr", "ln", "om", "on"))
+    flags = ("W_4BIT", "FP4", "W_ALIGNED", "W_TRANS", "NESTED", "HAS_BIAS", "HAS_LORA", "FP32_DOT")
+    variants = [("dense", False, False, False, False)]
+    for trans in (True, False):
+        for aligned in (True, False):
+            for nested in (False, True):
+                name = (
+                    f"nf4{'-nested' if nested else ''}{'-aligned' if aligned else '-any'}{'-fwd' if trans else '-dx'}"
+                )
+                variants.append((name, True, aligned, trans, nested))
+    for dtype, p in ptr.items():
+        for kind, w_4bit, aligned, trans, nested in variants:
+            signature = {
+                "x_ptr": p,
+                "w_ptr": "*u8" if w_4bit else p,
+                "u_ptr": p,
+                "l_ptr": p,
+                "bias_ptr": p,
+                "out_ptr": p,
+                "absmax_ptr": "*u8" if nested else "*fp32",
+                "nested_absmax_ptr": "*fp32",
+                "nested_code_ptr": "*fp32",
+                "offset": "fp32",
+                "log2_blocksize": "i32",
+                **dict.fromkeys(ints, "i32"),
+                **dict.fromkeys((*flags, "BM", "BN", "BK", "BR", "GROUP_M"), "constexpr"),
+            }
+            values = dict(
+                zip(flags, (w_4bit, False, aligned, trans, nested, True, True, dtype == torch.float32), strict=True)
+            )
+            for i, cfg in enumerate(configs_for(dtype, w_4bit, aligned)):
+                register(
+                    KernelSpec(
+                        name=f"lora_matmul[{str(dtype)[6:]},{kind},cfg{i}]",
+                        fn=_lora_matmul_kernel,
+                        signature=signature,
+                        constexprs={**values, "BR": BR, **cfg.kwargs},
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        # training-size tiles must use wgmma on Hopper and no stack at all
+                        tensor_core=dtype != torch.float32 and cfg.kwargs["BM"] >= 64,
+                    )
+                )
+
+
+_register_aot_specs()

@@ -1,0 +1,295 @@
+"""FastLoRALinear: a drop-in LoRA/QLoRA replacement for ``nn.Linear`` and ``bnb.nn.Linear4bit``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastlora.ops.lora import lora_linear
+from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
+
+_INITS = ("kaiming", "gaussian", "none")
+_QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
+
+
+class FastLoRALinear(nn.Module):
+    """``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`` with W frozen (dense or 4-bit NF4/FP4), fused kernels.
+
+    Build one with :meth:`from_linear` or :meth:`from_bnb`. Trainable parameters: ``lora_A``
+    (r, in_features) and ``lora_B`` (out_features, r); the base ``weight`` and ``bias`` are
+    frozen (``requires_grad=False``). A 4-bit base is stored as bitsandbytes stores it: ``weight``
+    holds the packed bytes and ``quant_state`` the statistics; the state dict carries
+    ``bnb.nn.Linear4bit``'s keys (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``...).
+
+    Compute dtype follows the input: x of fp32/fp16/bf16 (or the autocast dtype); the LoRA
+    parameters may be kept in another float dtype (e.g. fp32 for the optimiser) and are cast on
+    the fly. A dense base weight must already be in the input's dtype (no silent copies of W).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        *,
+        quant_state: QuantState | None = None,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        out_features, in_features = quant_state.shape if quant_state is not None else weight.shape
+        _check_hparams(in_features, out_features, r, lora_alpha, lora_dropout, init)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = (
+            int(r),
+            float(lora_alpha),
+            float(lora_dropout),
+            use_rslora,
+        )
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        self.quant_state = quant_state
+        if lora_dtype is None:
+            lora_dtype = quant_state.dtype if quant_state is not None else weight.dtype
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=lora_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, dtype=lora_dtype, device=device))
+        self.merged = False
+        self._stash: tuple[torch.Tensor, QuantState | None] | None = None
+        self.reset_lora_parameters(init)
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        *,
+        quant: str | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype | None = None,
+    ) -> FastLoRALinear:
+        """Wrap an ``nn.Linear``; with ``quant="nf4"|"fp4"`` its weight is quantised to 4 bits (QLoRA)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FastLoRALinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        weight, state = linear.weight.detach(), None
+        if quant is not None:
+            weight, state = quantize_4bit(weight, quant, blocksize, double_quant)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight, bias, r, lora_alpha, lora_dropout, quant_state=state, use_rslora=use_rslora, init=init,
+                   lora_dtype=lora_dtype or linear.weight.dtype)  # fmt: skip
+
+    @classmethod
+    def from_bnb(
+        cls,
+        linear4bit: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype | None = None,
+    ) -> FastLoRALinear:
+        """Wrap a quantised ``bnb.nn.Linear4bit``, sharing its packed bytes (no copy, no re-quantisation)."""
+        qs = getattr(linear4bit.weight, "quant_state", None)
+        if qs is None:
+            raise ValueError(
+                "FastLoRALinear.from_bnb: the Linear4bit is not quantised yet (weight.quant_state is None); "
+                "move it to its device first (e.g. .to('cuda'))"
+            )
+        state = QuantState.from_bnb(qs)
+        bias = linear4bit.bias.detach() if linear4bit.bias is not None else None
+        compute = getattr(linear4bit, "compute_dtype", None) or state.dtype
+        return cls(linear4bit.weight.data, bias, r, lora_alpha, lora_dropout, quant_state=state,
+                   use_rslora=use_rslora, init=init, lora_dtype=lora_dtype or compute)  # fmt: skip
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """PEFT's initialisation: A Kaiming-uniform (or Gaussian, std 1/r), B zero so the layer starts as the base.
+
+        ``init="none"`` draws B like A (a non-identity start, for tests and experiments).
+        """
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "none":
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) float -> (..., out_features) in x's (or the autocast) dtype."""
+        self._check_input(x)
+        autocast = x.device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        dtype = x.dtype
+        weight = self.weight
+        if self.quant_state is None and weight.dtype != dtype:
+            if not autocast:
+                raise TypeError(
+                    f"FastLoRALinear: input dtype {dtype} does not match the base weight's {weight.dtype}; "
+                    "cast the input, the module (.to(dtype)), or run under torch.autocast"
+                )
+            weight = weight.to(dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        if self.merged:
+            if self.quant_state is None:
+                return nn.functional.linear(x, weight, bias)
+            empty_a = x.new_zeros((0, self.in_features))
+            empty_b = x.new_zeros((self.out_features, 0))
+            return lora_linear(x, weight, bias, empty_a, empty_b, 0.0, quant_state=self.quant_state)
+        p = self.lora_dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        return lora_linear(
+            x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling,
+            quant_state=self.quant_state, dropout_p=p, seed=seed,
+        )  # fmt: skip
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FastLoRALinear: input must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FastLoRALinear: input has shape {tuple(x.shape)}, expected (..., {self.in_features}) "
+                f"(in_features={self.in_features})"
+            )
+        if not x.is_floating_point() or x.dtype == torch.float64:
+            raise TypeError(f"FastLoRALinear: input must be float32/float16/bfloat16, got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"FastLoRALinear: input is on {x.device}, the layer on {self.weight.device}")
+
+    # -- merge ------------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out_features, in_features) fp32 ``s · B A``."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    @torch.no_grad()
+    def merge(self, *, requantize: bool = False, keep_original: bool = True) -> dict[str, float]:
+        """Fold ``s · B A`` into the base weight; the forward becomes the plain (4-bit) linear.
+
+        A float base merges in its dtype. A 4-bit base merges into a dense weight of its original
+        dtype, or with ``requantize=True`` is re-quantised to 4 bits with the same settings; the
+        returned dict reports the error that re-quantisation adds. With ``keep_original`` (default)
+        the original base is kept so :meth:`unmerge` restores it bit for bit.
+
+        Returns:
+            {} for float merges; for requantize: {"requant_max_abs_error", "requant_rel_error"}.
+        """
+        if self.merged:
+            raise RuntimeError("FastLoRALinear.merge: already merged")
+        delta, report = self.delta_weight(), {}
+        self._stash = (self.weight.data, self.quant_state) if keep_original else None
+        if self.quant_state is None:
+            self.weight.data = (self.weight.float() + delta).to(self.weight.dtype)
+        else:
+            state = self.quant_state
+            merged = dequantize_4bit(self.weight, state, torch.float32) + delta
+            if requantize:
+                packed, new_state = quantize_4bit(merged.to(state.dtype), state.quant_type, state.blocksize,
+                                                  state.nested is not None)  # fmt: skip
+                err = dequantize_4bit(packed, new_state, torch.float32) - merged
+                report = {
+                    "requant_max_abs_error": err.abs().max().item(),
+                    "requant_rel_error": (err.norm() / merged.norm()).item(),
+                }
+                self.weight = nn.Parameter(packed, requires_grad=False)
+                self.quant_state = new_state
+            else:
+                self.weight = nn.Parameter(merged.to(state.dtype), requires_grad=False)
+                self.quant_state = None
+        self.merged = True
+        return report
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: exact when the original was kept, else subtracts ``s · B A`` (float bases)."""
+        if not self.merged:
+            raise RuntimeError("FastLoRALinear.unmerge: not merged")
+        if self._stash is not None:
+            weight, state = self._stash
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.quant_state = state
+        elif self.quant_state is None:
+            self.weight.data = (self.weight.float() - self.delta_weight()).to(self.weight.dtype)
+        else:
+            raise RuntimeError("FastLoRALinear.unmerge: a re-quantised merge without keep_original cannot be undone")
+        self._stash = None
+        self.merged = False
+
+    # -- state dict and device moves ----------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quant_state is not None:
+            destination.update(self.quant_state.state_dict(prefix + "weight."))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        quant_keys = [k for k in state_dict if k.startswith(prefix + "weight.") and
+                      k[len(prefix) + 7:].startswith(_QUANT_PREFIX)]  # fmt: skip
+        if quant_keys:
+            packed = state_dict.get(prefix + "weight")
+            if packed is None:
+                raise ValueError(f"FastLoRALinear: state dict has {prefix}weight.* statistics but no {prefix}weight")
+            state = QuantState.from_state_dict(state_dict, prefix + "weight.", packed=packed)
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"FastLoRALinear: state dict weight is {tuple(state.shape)}, the layer "
+                    f"({self.out_features}, {self.in_features})"
+                )
+            device = self.weight.device
+            self.weight = nn.Parameter(packed.to(device), requires_grad=False)
+            self.quant_state = state.to(device)
+            state_dict = {k: v for k, v in state_dict.items() if k not in quant_keys and k != prefix + "weight"}
+            missing_before = set(missing_keys)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)  # fmt: skip
+            missing_keys[:] = [k for k in missing_keys if k in missing_before or k != prefix + "weight"]
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.quant_state is not None and self.quant_state.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)  # statistics follow moves, never casts
+        return self
+
+    def extra_repr(self) -> str:
+        base = f"{self.quant_state.quant_type}" if self.quant_state is not None else str(self.weight.dtype)[6:]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, base={base}, merged={self.merged}"
+        )
+
+
+def _check_hparams(in_features, out_features, r, alpha, dropout, init) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= min(in_features, out_features):
+        raise ValueError(
+            f"FastLoRALinear: r must be an int in [1, min(in_features, out_features)] = "
+            f"[1, {min(in_features, out_features)}], got {r!r}"
+        )
+    if not alpha > 0:
+        raise ValueError(f"FastLoRALinear: lora_alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"FastLoRALinear: lora_dropout must be in [0, 1), got {dropout!r}")
+    if init not in _INITS:
+        raise ValueError(f"FastLoRALinear: init must be one of {_INITS}, got {init!r}")

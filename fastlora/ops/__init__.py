@@ -1,0 +1,5 @@
+"""Ops: ``torch.library`` custom ops that choose a kernel per device, with autograd and fake shapes."""
+
+from fastlora.ops.lora import lora_linear
+
+__all__ = ["lora_linear"]
