@@ -11,9 +11,9 @@ from fastlora.quant import dequantize_4bit, quantize_4bit
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative floor per dtype on top of 2x PyTorch's own error in that dtype (flash-attention's rule).
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# (M, K, N, r): M in {1, 3, 17, 257}; K, N not multiples of 16/64 where the 4-bit layout allows
+# (M, K, N, r): M in {1, 2, 3, 17, 257}, r in {1, 8, 64, 256}; K, N not multiples of 16/64 where the 4-bit layout allows
 # (K=53: odd rows, blocks straddle rows -> general path; K=128/192: byte- and block-aligned path).
-SHAPES = [(1, 128, 96, 8), (3, 53, 37, 1), (17, 192, 83, 64), (257, 64, 45, 8)]
+SHAPES = [(1, 128, 96, 8), (3, 53, 37, 1), (17, 192, 83, 64), (257, 64, 45, 8), (2, 256, 272, 256)]
 WEIGHTS = ["dense", "nf4", "fp4-dq"]
 
 
