@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint env clean
+.PHONY: demo test test-gpu lint env clean
 
 env: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ lint: env
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the compiled Triton kernels on the GPU (the `gpu`-marked tests).
+test-gpu: env
+	FASTLORA_GPU=1 $(BIN)/python -m pytest -q -m gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

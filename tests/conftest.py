@@ -1,32 +1,34 @@
-"""Test set-up: Triton's CPU interpreter without a GPU, fixed seeds, poisoned outputs, a `gpu` marker."""
+"""Test set-up: Triton's CPU interpreter, fixed seeds, poisoned outputs, a `gpu` marker.
+
+Two runs, because ``TRITON_INTERPRET`` is read when kernels are defined:
+- ``make test`` (any machine): every kernel runs on CPU tensors under the interpreter; `gpu` tests skip.
+- ``make test-gpu`` (``FASTLORA_GPU=1`` on a CUDA machine): only the `gpu` tests, on compiled kernels.
+"""
 
 import os
 import random
 
 import torch
 
+GPU_RUN = os.environ.get("FASTLORA_GPU") == "1" and torch.cuda.is_available()
 # Must happen before any fastlora.kernels module (and so triton.jit) is imported.
-if not torch.cuda.is_available():
+if not GPU_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("FASTLORA_BACKEND", None)
 
-import pytest
+import pytest  # noqa: E402
 
-from fastlora import _alloc
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from fastlora import _alloc  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device and FASTLORA_GPU=1 (make test-gpu)")
+    skip_cpu = pytest.mark.skip(reason="interpreter test: run by `make test`, without FASTLORA_GPU")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if ("gpu" in item.keywords) != GPU_RUN:
+            item.add_marker(skip_cpu if GPU_RUN else skip_gpu)
 
 
 @pytest.fixture(autouse=True)
