@@ -13,28 +13,11 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
 import torch
+from _harness import time_ms, write_results
 
 from fastlora.quant import dequantize_4bit, quantize_4bit
-
-
-def _time_ms(fn, device: str) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms."""
-    if device == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=200)
-        return tuple(q)
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[2], times[7]
 
 
 def run(rows: int, cols: int, dtype: torch.dtype, double_quant: bool) -> list[dict]:
@@ -46,7 +29,7 @@ def run(rows: int, cols: int, dtype: torch.dtype, double_quant: bool) -> list[di
     rows_out: list[dict] = []
 
     def add(name, fn, nbytes):
-        med, q20, q80 = _time_ms(fn, device)
+        med, q20, q80 = time_ms(fn, device == "cuda")
         rows_out.append(
             {"impl": name, "ms": med, "ms_q20": q20, "ms_q80": q80, "GB/s": nbytes / med / 1e6, "bytes": nbytes}
         )
@@ -102,13 +85,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if device_name != "cpu":
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"dequant_{meta['date']}_{device_name.replace(' ', '_')}")
-        with open(stem + ".md", "w") as f:
-            f.write(text)
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
-        print(f"wrote {stem}.md/.json")
+        write_results(args.out, f"dequant_{meta['date']}_{device_name.replace(' ', '_')}", text, meta, results)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ import datetime
 import json
 import math
 import os
-import statistics
 import time
 
 import torch
+from _harness import time_ms, write_results
 
 import fastlora
 from fastlora import FastLoRALinear, dequantize_4bit, quantize_4bit
@@ -46,23 +46,6 @@ class WrongResult(AssertionError):
 
 def flops(m: int, k: int, n: int, r: int, backward: bool) -> int:
     return 4 * m * k * n + 6 * m * r * (k + n) if backward else 2 * m * k * n + 2 * m * r * (k + n)
-
-
-def time_ms(fn, reset: list[torch.Tensor], cuda: bool) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms; ``reset`` grads are set to None before every rep, untimed."""
-    if cuda:
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=250, grad_to_none=reset, quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(10):
-        for t in reset:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[2], times[7]
 
 
 def peak_mib(fn, reset: list[torch.Tensor], cuda: bool) -> float:
@@ -182,7 +165,7 @@ def run_shape(k, n, tokens, r, dtype, device) -> list[dict]:
             reset = [x, *params]
             passes = {"fwd": lambda f=forward, x=x: f(x), "fwd+bwd": lambda f=forward, x=x, g=g: f(x).backward(g)}
             for pas, fn in passes.items():
-                med, q20, q80 = time_ms(fn, reset, cuda)
+                med, q20, q80 = time_ms(fn, cuda, reset)
                 tflops = flops(m, k, n, r, pas == "fwd+bwd") / med / 1e9
                 rows.append(
                     {
@@ -290,14 +273,8 @@ def main() -> None:
     text = render(rows, meta)
     print(text)
     if cuda:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"lora_{meta['date']}_{device_name.replace(' ', '_')}")
-        stem += "_quick" if args.quick else ""
-        with open(stem + ".md", "w") as f:
-            f.write(text)
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        print(f"wrote {stem}.md/.json")
+        stem = f"lora_{meta['date']}_{device_name.replace(' ', '_')}" + ("_quick" if args.quick else "")
+        write_results(args.out, stem, text, meta, rows)
 
 
 if __name__ == "__main__":
