@@ -28,7 +28,10 @@ def _base_weight(m):
 def test_matches_reference_and_freezes_base(quant, backend, monkeypatch):
     monkeypatch.setenv("FASTLORA_BACKEND", backend)
     m, _ = _layer(quant)
-    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+        "adapters.default.lora_A",
+        "adapters.default.lora_B",
+    ]
     x = torch.randn(2, 3, 64)
     y = m(x)
     ref = lora_linear_ref(x, _base_weight(m), m.bias, m.lora_A, m.lora_B, m.scaling)

@@ -90,7 +90,10 @@ def _assert_close_fp32(name, got, want):
 
 
 def _check_frozen_base(fast):
-    assert [n for n, p in fast.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in fast.named_parameters() if p.requires_grad] == [
+        "adapters.default.lora_A",
+        "adapters.default.lora_B",
+    ]
     assert fast.weight.grad is None
     assert fast.bias is None or fast.bias.grad is None
 

@@ -1,5 +1,5 @@
 """Thin nn.Modules over the ops: drop-in replacements for layers of any PyTorch model."""
 
-from fastlora.modules.lora import FastLoRALinear
+from fastlora.modules.lora import FastLoRALinear, LoraAdapter
 
-__all__ = ["FastLoRALinear"]
+__all__ = ["FastLoRALinear", "LoraAdapter"]

@@ -14,11 +14,45 @@ _INITS = ("kaiming", "gaussian", "none")
 _QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
 
+class LoraAdapter(nn.Module):
+    """One named adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r), hyperparameters."""
+
+    def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init, dtype, device):
+        super().__init__()
+        _check_hparams(in_features, out_features, r, lora_alpha, lora_dropout, init)
+        self.r, self.lora_alpha, self.lora_dropout = int(r), float(lora_alpha), float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, dtype=dtype, device=device))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """PEFT's initialisation: A Kaiming-uniform (or Gaussian, std 1/r), B zero so the layer starts as the base.
+
+        ``init="none"`` draws B like A (a non-identity start, for tests and experiments).
+        """
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "none":
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out_features, in_features) fp32 ``s · B A``."""
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+
 class FastLoRALinear(nn.Module):
     """``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`` with W frozen (dense or 4-bit NF4/FP4), fused kernels.
 
-    Build one with :meth:`from_linear` or :meth:`from_bnb`. Trainable parameters: ``lora_A``
-    (r, in_features) and ``lora_B`` (out_features, r); the base ``weight`` and ``bias`` are
+    Build one with :meth:`from_linear` or :meth:`from_bnb`. A layer holds named adapters
+    (:meth:`add_adapter`, :meth:`set_adapter`, :meth:`delete_adapter`, ``disabled``); the active
+    one's ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r) train; the base ``weight`` and ``bias`` are
     frozen (``requires_grad=False``). A 4-bit base is stored as bitsandbytes stores it: ``weight``
     holds the packed bytes and ``quant_state`` the statistics; the state dict carries
     ``bnb.nn.Linear4bit``'s keys (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``...).
@@ -40,29 +74,80 @@ class FastLoRALinear(nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         out_features, in_features = quant_state.shape if quant_state is not None else weight.shape
-        _check_hparams(in_features, out_features, r, lora_alpha, lora_dropout, init)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = (
-            int(r),
-            float(lora_alpha),
-            float(lora_dropout),
-            use_rslora,
-        )
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.quant_state = quant_state
-        if lora_dtype is None:
-            lora_dtype = quant_state.dtype if quant_state is not None else weight.dtype
-        device = weight.device
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=lora_dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, dtype=lora_dtype, device=device))
+        self.lora_dtype = lora_dtype or (quant_state.dtype if quant_state is not None else weight.dtype)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False  # True: the base layer alone, exactly
         self.merged = False
         self._stash: tuple[torch.Tensor, QuantState | None] | None = None
-        self.reset_lora_parameters(init)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init=init)
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> LoraAdapter:
+        """Add a named adapter (it becomes active if none is); the base weight is shared, not copied."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"FastLoRALinear: adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"FastLoRALinear: adapter {name!r} already exists (have {list(self.adapters)})")
+        adapter = LoraAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init,
+                              self.lora_dtype, self.weight.device)  # fmt: skip
+        self.adapters[name] = adapter
+        if self.active_adapter is None:
+            self.active_adapter = name
+        return adapter
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the adapter the forward uses (the base is untouched: switching is free)."""
+        self._require(name)
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError(f"FastLoRALinear: unmerge {self.active_adapter!r} before switching to {name!r}")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if self.merged and name == self.active_adapter:
+            raise RuntimeError(f"FastLoRALinear: unmerge {name!r} before deleting it")
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def _require(self, name: str) -> LoraAdapter:
+        if name not in self.adapters:
+            raise KeyError(f"FastLoRALinear: no adapter named {name!r} (have {list(self.adapters)})")
+        return self.adapters[name]
+
+    @property
+    def adapter(self) -> LoraAdapter:
+        """The active adapter."""
+        if self.active_adapter is None:
+            raise RuntimeError("FastLoRALinear: the layer has no adapter")
+        return self.adapters[self.active_adapter]
+
+    lora_A = property(lambda self: self.adapter.lora_A, doc="(r, in_features) of the active adapter")
+    lora_B = property(lambda self: self.adapter.lora_B, doc="(out_features, r) of the active adapter")
+    scaling = property(lambda self: self.adapter.scaling)
+    r = property(lambda self: self.adapter.r)
+    lora_alpha = property(lambda self: self.adapter.lora_alpha)
+    lora_dropout = property(lambda self: self.adapter.lora_dropout)
+    use_rslora = property(lambda self: self.adapter.use_rslora)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -116,20 +201,9 @@ class FastLoRALinear(nn.Module):
         return cls(linear4bit.weight.data, bias, r, lora_alpha, lora_dropout, quant_state=state,
                    use_rslora=use_rslora, init=init, lora_dtype=lora_dtype or compute)  # fmt: skip
 
-    @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """PEFT's initialisation: A Kaiming-uniform (or Gaussian, std 1/r), B zero so the layer starts as the base.
-
-        ``init="none"`` draws B like A (a non-identity start, for tests and experiments).
-        """
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init == "none":
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+        """Re-initialise the active adapter (see :meth:`LoraAdapter.reset_parameters`)."""
+        self.adapter.reset_parameters(init)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -149,16 +223,19 @@ class FastLoRALinear(nn.Module):
                 )
             weight = weight.to(dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        if self.merged:
+        if self.merged or self.disabled or self.active_adapter is None:
+            if self.disabled and self.merged:
+                raise RuntimeError("FastLoRALinear: unmerge before disabling the adapter (the base is merged)")
             if self.quant_state is None:
                 return nn.functional.linear(x, weight, bias)
             empty_a = x.new_zeros((0, self.in_features))
             empty_b = x.new_zeros((self.out_features, 0))
             return lora_linear(x, weight, bias, empty_a, empty_b, 0.0, quant_state=self.quant_state)
-        p = self.lora_dropout if self.training else 0.0
+        adapter = self.adapter
+        p = adapter.lora_dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return lora_linear(
-            x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling,
+            x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling,
             quant_state=self.quant_state, dropout_p=p, seed=seed,
         )  # fmt: skip
 
@@ -178,8 +255,8 @@ class FastLoRALinear(nn.Module):
     # -- merge ------------------------------------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """(out_features, in_features) fp32 ``s · B A``."""
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """(out_features, in_features) fp32 ``s · B A`` of the active adapter."""
+        return self.adapter.delta_weight()
 
     @torch.no_grad()
     def merge(self, *, requantize: bool = False, keep_original: bool = True) -> dict[str, float]:
@@ -276,8 +353,8 @@ class FastLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         base = f"{self.quant_state.quant_type}" if self.quant_state is not None else str(self.weight.dtype)[6:]
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, base={base}, merged={self.merged}"
+            f"in_features={self.in_features}, out_features={self.out_features}, base={base}, "
+            f"active_adapter={self.active_adapter!r}, merged={self.merged}, disabled={self.disabled}"
         )
 
 
