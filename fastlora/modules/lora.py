@@ -165,6 +165,7 @@ class FastLoRALinear(nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
+        adapter_name: str = "default",
     ) -> FastLoRALinear:
         """Wrap an ``nn.Linear``; with ``quant="nf4"|"fp4"`` its weight is quantised to 4 bits (QLoRA)."""
         if not isinstance(linear, nn.Linear):
@@ -174,7 +175,7 @@ class FastLoRALinear(nn.Module):
             weight, state = quantize_4bit(weight, quant, blocksize, double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias, r, lora_alpha, lora_dropout, quant_state=state, use_rslora=use_rslora, init=init,
-                   lora_dtype=lora_dtype or linear.weight.dtype)  # fmt: skip
+                   lora_dtype=lora_dtype or linear.weight.dtype, adapter_name=adapter_name)  # fmt: skip
 
     @classmethod
     def from_bnb(
@@ -187,6 +188,7 @@ class FastLoRALinear(nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
+        adapter_name: str = "default",
     ) -> FastLoRALinear:
         """Wrap a quantised ``bnb.nn.Linear4bit``, sharing its packed bytes (no copy, no re-quantisation)."""
         qs = getattr(linear4bit.weight, "quant_state", None)
@@ -199,7 +201,8 @@ class FastLoRALinear(nn.Module):
         bias = linear4bit.bias.detach() if linear4bit.bias is not None else None
         compute = getattr(linear4bit, "compute_dtype", None) or state.dtype
         return cls(linear4bit.weight.data, bias, r, lora_alpha, lora_dropout, quant_state=state,
-                   use_rslora=use_rslora, init=init, lora_dtype=lora_dtype or compute)  # fmt: skip
+                   use_rslora=use_rslora, init=init, lora_dtype=lora_dtype or compute,
+                   adapter_name=adapter_name)  # fmt: skip
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """Re-initialise the active adapter (see :meth:`LoraAdapter.reset_parameters`)."""

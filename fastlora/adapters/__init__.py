@@ -1,0 +1,6 @@
+"""Model-level API: inject LoRA/QLoRA by module name, several adapters, merge, peft-compatible save/load."""
+
+from fastlora.adapters.config import LoraConfig
+from fastlora.adapters.model import LoraModel, ModulesToSave, inject, load
+
+__all__ = ["LoraConfig", "LoraModel", "ModulesToSave", "inject", "load"]

@@ -1,0 +1,411 @@
+"""LoraModel: LoRA/QLoRA on a whole model: inject by name, several adapters, merge, peft-format save/load.
+
+model = fastlora.inject(model, fastlora.LoraConfig(r=16, target_modules="all-linear", quantize="nf4"))
+...train...
+model.save_adapter("out/")                       # peft's adapter_config.json + adapter_model.safetensors
+model = fastlora.load(base_model, "out/")        # or peft.PeftModel.from_pretrained(base_model, "out/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fastlora.adapters.config import LoraConfig
+from fastlora.adapters.io import PREFIX, read_adapter_files, save_adapter_files
+from fastlora.modules.lora import FastLoRALinear, _check_hparams
+from fastlora.quant import dequantize_4bit
+
+
+def _bnb_linear4bit() -> type | None:
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # optional: not installed, or no usable backend
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _is_linear(module: nn.Module) -> bool:
+    bnb4 = _bnb_linear4bit()
+    return isinstance(module, (nn.Linear, FastLoRALinear)) or (bnb4 is not None and isinstance(module, bnb4))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer; a bnb Linear4bit reads them from its quant state."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and not isinstance(module, FastLoRALinear):
+        out_features, in_features = state.shape
+        return int(in_features), int(out_features)
+    return module.in_features, module.out_features
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full beside the adapters: the frozen original plus one trainable copy per adapter."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original.requires_grad_(False)
+        self.trained = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.trained[name] = copy.deepcopy(self.original).requires_grad_(True)
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.trained:
+            return self.original
+        return self.trained[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current, name)  # e.g. `classifier.weight` read by the host model
+
+
+class LoraModel(nn.Module):
+    """A host model whose selected linear layers are :class:`FastLoRALinear`, with named adapters.
+
+    The host is modified in place and stays reachable as ``.model``; unknown attributes (``config``,
+    ``generate``, ``gradient_checkpointing_enable``...) are forwarded to it. All base parameters
+    are frozen; the active adapter's LoRA factors and its ``modules_to_save`` copies train.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, LoraModel):
+            raise TypeError("fastlora: the model is already a LoraModel; use add_adapter / load_adapter on it")
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = None
+        model.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+    # -- layers -------------------------------------------------------------------------------
+
+    def lora_layers(self) -> Iterator[tuple[str, FastLoRALinear]]:
+        """(path in the host model, layer) of every FastLoRALinear outside modules_to_save copies."""
+        for path, module in self.model.named_modules():
+            if isinstance(module, FastLoRALinear) and ".trained." not in f".{path}.":
+                yield path, module
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield path, module
+
+    def _targets(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+        """Linear layers selected by ``config.target_modules`` (peft's matching rules)."""
+        target = config.target_modules
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        linears = [(p, m) for p, m in self.model.named_modules() if _is_linear(m) and ".trained." not in f".{p}."]
+        linears = [(p, m) for p, m in linears if not any(p.startswith(q + ".") for q, _ in linears)]
+        if target == "all-linear":
+            found = [(p, m) for p, m in linears if m is not head and not p.endswith("lm_head")]
+        elif isinstance(target, str):
+            found = [(p, m) for p, m in linears if re.fullmatch(target, p)]
+        elif isinstance(target, list) and target:
+            found = [(p, m) for p, m in linears if any(p == t or p.endswith("." + t) for t in target)]
+        else:
+            raise ValueError(
+                f"fastlora: target_modules must be a list of names, a regex or 'all-linear', got {target!r}"
+            )
+        if not found:
+            names = sorted({p.rpartition(".")[2] for p, _ in linears} | {p for p, _ in linears})
+            wanted = [target] if isinstance(target, str) else target
+            close = sorted({c for t in wanted for c in difflib.get_close_matches(t, names, n=4, cutoff=0.5)})
+            raise ValueError(
+                f"fastlora: target_modules {target!r} matched no linear layer of {type(self.model).__name__}"
+                f"{'; close names: ' + ', '.join(close) if close else ''} ({len(linears)} linear layers)"
+            )
+        return found
+
+    def _saved_targets(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+        names = config.modules_to_save or []
+        found = [(p, m) for p, m in self.model.named_modules() if p and any(p.endswith(n) for n in names)]
+        found = [(p, m) for p, m in found if ".trained." not in f".{p}." and not p.endswith(".original")]
+        missing = [n for n in names if not any(p.endswith(n) for p, _ in found)]
+        if missing:
+            raise ValueError(f"fastlora: modules_to_save {missing} matched no module of {type(self.model).__name__}")
+        return found
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        """Add adapter ``name`` to the layers ``config`` selects (wrapping new ones); the base is shared."""
+        if name in self.peft_config:
+            raise ValueError(f"fastlora: adapter {name!r} already exists (have {list(self.peft_config)})")
+        targets, saved = self._targets(config), self._saved_targets(config)
+        for path, module in targets:  # validate everything before touching the model
+            r, alpha = config.r_and_alpha(path)
+            _check_hparams(*_features(module), r, alpha, config.lora_dropout, config.init)
+        try:
+            for path, module in targets:
+                r, alpha = config.r_and_alpha(path)
+                hp = {"use_rslora": config.use_rslora, "init": config.init}
+                bnb4 = _bnb_linear4bit()
+                if isinstance(module, FastLoRALinear):
+                    module.add_adapter(name, r, alpha, config.lora_dropout, **hp)
+                elif not (bnb4 is not None and isinstance(module, bnb4)):  # nn.Linear (Linear4bit subclasses it)
+                    new = FastLoRALinear.from_linear(module, r, alpha, config.lora_dropout, quant=config.quantize,
+                                                     blocksize=config.blocksize, double_quant=config.double_quant,
+                                                     adapter_name=name, **hp)  # fmt: skip
+                    _set_module(self.model, path, new)
+                else:  # bnb.nn.Linear4bit, e.g. from transformers' BitsAndBytesConfig: shared as is
+                    _set_module(self.model, path, FastLoRALinear.from_bnb(module, r, alpha, config.lora_dropout,
+                                                                          adapter_name=name, **hp))  # fmt: skip
+            for path, module in saved:
+                if not isinstance(module, ModulesToSave):
+                    module = ModulesToSave(module)
+                    _set_module(self.model, path, module)
+                module.add(name)
+        except Exception:
+            self.peft_config[name] = config
+            self.delete_adapter(name)  # roll back what was added
+            raise
+        self.peft_config[name] = config
+        self.set_adapter(self.active_adapter or name)
+
+    def set_adapter(self, name: str) -> None:
+        """Use adapter ``name`` in every layer (layers without it act as the base); only it trains."""
+        self._require(name)
+        for _, layer in self.lora_layers():
+            if name in layer.adapters:
+                layer.set_adapter(name)
+            else:
+                layer.active_adapter = None
+            for adapter_name, adapter in layer.adapters.items():
+                adapter.requires_grad_(adapter_name == name)
+        for _, module in self.saved_modules():
+            module.active_adapter = name
+            for adapter_name, copy_ in module.trained.items():
+                copy_.requires_grad_(adapter_name == name)
+        self.active_adapter = name
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model is exactly its base: no LoRA term, original modules_to_save."""
+        layers = [m for _, m in self.lora_layers()] + [m for _, m in self.saved_modules()]
+        previous = [m.disabled for m in layers]
+        try:
+            for m in layers:
+                m.disabled = True
+            yield
+        finally:
+            for m, state in zip(layers, previous, strict=True):
+                m.disabled = state
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        for _, layer in self.lora_layers():
+            if name in layer.adapters:
+                layer.delete_adapter(name)
+        for _, module in self.saved_modules():
+            if name in module.trained:
+                del module.trained[name]
+        del self.peft_config[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    def _require(self, name: str) -> LoraConfig:
+        if name not in self.peft_config:
+            raise KeyError(f"fastlora: no adapter named {name!r} (have {list(self.peft_config)})")
+        return self.peft_config[name]
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """New adapter with ``ΔW = Σ wᵢ ΔWᵢ`` exactly, per layer, by concatenating ranks (peft's "cat")."""
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"fastlora: {len(adapters)} adapters but {len(weights)} weights")
+        configs = [self._require(a) for a in adapters]
+        if any(c.modules_to_save for c in configs):
+            raise ValueError("fastlora: adapters with modules_to_save cannot be combined")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"fastlora: adapter {adapter_name!r} already exists")
+        ranks: dict[str, int] = {}
+        for path, layer in self.lora_layers():
+            present = [a for a in adapters if a in layer.adapters]
+            if present:
+                ranks[path] = sum(layer.adapters[a].r for a in present)
+        r = max(ranks.values())
+        config = LoraConfig(
+            r=r,
+            lora_alpha=float(r),
+            target_modules=sorted(ranks),
+            rank_pattern={re.escape(p): k for p, k in ranks.items() if k != r},
+            alpha_pattern={re.escape(p): float(k) for p, k in ranks.items() if k != r},
+            lora_dropout=configs[0].lora_dropout,
+            init_lora_weights=False,
+        )
+        self.add_adapter(adapter_name, config)
+        for path, layer in self.lora_layers():
+            if path not in ranks:
+                continue
+            present = [(layer.adapters[a], w) for a, w in zip(adapters, weights, strict=True) if a in layer.adapters]
+            new = layer.adapters[adapter_name]  # scaling 1: alpha = r
+            new.lora_A.copy_(torch.cat([a.lora_A.float() for a, _ in present], 0))
+            new.lora_B.copy_(torch.cat([w * a.scaling * a.lora_B.float() for a, w in present], 1))
+
+    # -- merge ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """The host model with every LoRA layer folded into a plain ``nn.Linear`` (4-bit bases dequantised
+        to their original dtype) and modules_to_save replaced by their trained copies."""
+        for path, layer in list(self.lora_layers()):
+            state = layer.quant_state
+            weight = layer.weight if state is None else dequantize_4bit(layer.weight, state, state.dtype)
+            if layer.active_adapter is not None and not layer.disabled and not layer.merged:
+                weight = (weight.float() + layer.delta_weight()).to(weight.dtype)
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=weight.device, dtype=weight.dtype)  # fmt: skip
+            linear.weight.copy_(weight)
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+            linear.requires_grad_(False)
+            _set_module(self.model, path, linear)
+        for path, module in list(self.saved_modules()):
+            _set_module(self.model, path, module.current)
+        return self.model
+
+    # -- save / load ----------------------------------------------------------------------------
+
+    def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """peft-named tensors of adapter ``name`` (default: the active one)."""
+        name = name or self.active_adapter
+        self._require(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self.lora_layers():
+            if name in layer.adapters:
+                out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
+                out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+        for path, module in self.saved_modules():
+            if name in module.trained:
+                for key, value in module.trained[name].state_dict().items():
+                    out[f"{PREFIX}{path}.{key}"] = value
+        return out
+
+    def save_adapter(self, directory: str, adapter_name: str | None = None) -> None:
+        """Write only the adapter (peft layout, safetensors + adapter_config.json), each file atomically."""
+        name = adapter_name or self.active_adapter
+        config = dataclasses.replace(self._require(name), inference_mode=True)
+        save_adapter_files(directory, config, self.adapter_state_dict(name))
+
+    def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
+        """Load an adapter saved by fastlora or by ``peft``; on any error the model is left unchanged."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"fastlora: adapter {adapter_name!r} is already loaded (have {list(self.peft_config)})")
+        config, tensors = read_adapter_files(directory)
+        expected = self._expected_shapes(config)
+        for key, tensor in tensors.items():
+            if key not in expected:
+                raise ValueError(
+                    f"fastlora: {directory}: key {key!r} has no place in {type(self.model).__name__} under this "
+                    f"adapter's config (expected keys like {next(iter(expected), None)!r})"
+                )
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(
+                    f"fastlora: {directory}: {key} has shape {tuple(tensor.shape)}, the model needs {expected[key]}"
+                )
+        missing = [k for k in expected if k not in tensors]
+        if missing:
+            raise ValueError(f"fastlora: {directory}: missing {missing[0]!r} (and {len(missing) - 1} more)")
+        self.add_adapter(adapter_name, config)
+        own = self.adapter_state_dict(adapter_name)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                own[key].copy_(tensor)
+        if not is_trainable:
+            self._freeze(adapter_name)
+
+    def _freeze(self, name: str) -> None:
+        for _, layer in self.lora_layers():
+            if name in layer.adapters:
+                layer.adapters[name].requires_grad_(False)
+        for _, module in self.saved_modules():
+            if name in module.trained:
+                module.trained[name].requires_grad_(False)
+
+    def _expected_shapes(self, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path, module in self._targets(config):
+            r, _ = config.r_and_alpha(path)
+            in_features, out_features = _features(module)
+            shapes[f"{PREFIX}{path}.lora_A.weight"] = (r, in_features)
+            shapes[f"{PREFIX}{path}.lora_B.weight"] = (out_features, r)
+        for path, module in self._saved_targets(config):
+            base = module.original if isinstance(module, ModulesToSave) else module
+            for key, value in base.state_dict().items():
+                shapes[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
+        return shapes
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; a packed 4-bit tensor counts its 2 values per byte."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.parameter_counts()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+
+def inject(
+    model: nn.Module, config: LoraConfig | None = None, *, adapter_name: str = "default", **overrides
+) -> LoraModel:
+    """Turn ``model`` into a LoRA/QLoRA model: the layers ``config.target_modules`` selects become
+    FastLoRALinear (4-bit with ``quantize="nf4"``); ``overrides`` replace config fields.
+
+    A model already holding ``bnb.nn.Linear4bit`` layers (transformers' BitsAndBytesConfig) is used
+    as is. On a :class:`LoraModel`, adds another adapter.
+    """
+    config = dataclasses.replace(config or LoraConfig(), **overrides)
+    if isinstance(model, LoraModel):
+        model.add_adapter(adapter_name, config)
+        return model
+    return LoraModel(model, config, adapter_name)
+
+
+def load(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> LoraModel:
+    """A base model plus the adapter saved in ``directory`` (by fastlora or peft)."""
+    lora = model if isinstance(model, LoraModel) else LoraModel(model)
+    lora.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+    return lora
