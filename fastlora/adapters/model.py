@@ -285,9 +285,11 @@ class LoraModel(nn.Module):
         to their original dtype) and modules_to_save replaced by their trained copies."""
         for path, layer in list(self.lora_layers()):
             state = layer.quant_state
-            weight = layer.weight if state is None else dequantize_4bit(layer.weight, state, state.dtype)
+            dtype = layer.weight.dtype if state is None else state.dtype
+            weight = layer.weight if state is None else dequantize_4bit(layer.weight, state, torch.float32)
             if layer.active_adapter is not None and not layer.disabled and not layer.merged:
-                weight = (weight.float() + layer.delta_weight()).to(weight.dtype)
+                weight = weight.float() + layer.delta_weight()  # fp32 sum, one rounding to the model dtype
+            weight = weight.to(dtype)
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=weight.device, dtype=weight.dtype)  # fmt: skip
             linear.weight.copy_(weight)
@@ -327,6 +329,9 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"fastlora: adapter {adapter_name!r} is already loaded (have {list(self.peft_config)})")
         config, tensors = read_adapter_files(directory)
+        if config.modules_to_save:  # peft lists both "classifier" and "score" for SEQ_CLS: keep those present
+            present = [n for n in config.modules_to_save if any(p.endswith(n) for p, _ in self.model.named_modules())]
+            config = dataclasses.replace(config, modules_to_save=present or None)
         expected = self._expected_shapes(config)
         for key, tensor in tensors.items():
             if key not in expected:
