@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and print registers, spills, wgmma use")
 
+    from fastlora.train.cli import add_parsers as add_train
+
+    add_train(sub)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fastlora.demo import run_demo
@@ -30,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastlora.aot import main as aot_main
 
         return aot_main([])
+    if args.command in ("finetune", "merge", "generate", "eval", "compare"):
+        from fastlora.train.cli import run
+
+        return run(args)
     return 2
 
 

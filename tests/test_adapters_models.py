@@ -176,6 +176,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_train_and_eval_toggle_lora_dropout():
     model = fastlora.inject(_llama(), r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False)
+    assert not any(m.training for m in model.modules())  # injected layers take the host's eval mode
     batch = _batch()
     model.train()
     with torch.no_grad():

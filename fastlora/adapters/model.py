@@ -47,8 +47,11 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, in the train/eval mode of the module it replaces."""
     parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+    owner = root.get_submodule(parent) if parent else root
+    module.train(getattr(owner, name).training)
+    setattr(owner, name, module)
 
 
 class ModulesToSave(nn.Module):
@@ -93,6 +96,7 @@ class LoraModel(nn.Module):
         if isinstance(model, LoraModel):
             raise TypeError("fastlora: the model is already a LoraModel; use add_adapter / load_adapter on it")
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = None
         model.requires_grad_(False)
@@ -129,8 +133,15 @@ class LoraModel(nn.Module):
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         linears = [(p, m) for p, m in self.model.named_modules() if _is_linear(m) and ".trained." not in f".{p}."]
         linears = [(p, m) for p, m in linears if not any(p.startswith(q + ".") for q, _ in linears)]
-        if target == "all-linear":
-            found = [(p, m) for p, m in linears if m is not head and not p.endswith("lm_head")]
+        wrapped = [p for p, m in self.model.named_modules() if isinstance(m, ModulesToSave)]
+        linears = [(p, m) for p, m in linears if not any(p.startswith(q + ".") for q in wrapped)]
+        if target == "all-linear":  # not the output head, a sequence classifier's head, or modules_to_save
+            skip = {"lm_head", *(config.modules_to_save or [])}
+            if config.task_type == "SEQ_CLS":
+                skip |= {"classifier", "score"}
+            found = [
+                (p, m) for p, m in linears if m is not head and not any(p == n or p.endswith("." + n) for n in skip)
+            ]
         elif isinstance(target, str):
             found = [(p, m) for p, m in linears if re.fullmatch(target, p)]
         elif isinstance(target, list) and target:

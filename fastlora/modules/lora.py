@@ -109,6 +109,7 @@ class FastLoRALinear(nn.Module):
             raise ValueError(f"FastLoRALinear: adapter {name!r} already exists (have {list(self.adapters)})")
         adapter = LoraAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init,
                               self.lora_dtype, self.weight.device)  # fmt: skip
+        adapter.train(self.training)
         self.adapters[name] = adapter
         if self.active_adapter is None:
             self.active_adapter = name
