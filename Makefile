@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   installs fastlora into .venv and runs the main job on its embedded default
+#   make demo   installs fastlora into .venv and runs the main job (fastlora finetune) on its embedded default
 #   make test   installs fastlora with its test extras into .venv and runs lint + every test
 PY ?= python3
 VENV ?= .venv
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 demo: env
-	$(BIN)/fastlora demo
+	HF_HUB_OFFLINE=1 $(BIN)/fastlora finetune --output-dir fastlora-run
 
 lint: env
 	$(BIN)/ruff check .

@@ -449,3 +449,54 @@ def test_prefix_tuning_a_decoder(tmp_path, tiny_llama):
     data = _write_causal(tmp_path / "c.jsonl")
     summary = Trainer(_cfg(tmp_path, tiny_llama, data, method="prefix", max_steps=4, batch_size=4, lr=3e-2)).run()
     assert summary.val_loss_after < summary.val_loss_before
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_bert):
+    import signal
+    import time
+
+    data = _write_cls(tmp_path / "d.jsonl", n=64)
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "fastlora", "finetune", "--model", tiny_bert, "--data", data, "--method", "lora",
+            "--output-dir", out, "--max-steps", "400", "--batch-size", "8", "--no-progress", "--log-every", "1",
+            "--eval-every", "400"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and len(_jsonl(metrics)) >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "--resume" in stdout and "Traceback" not in stderr
+    (checkpoint,) = os.listdir(os.path.join(out, "checkpoints"))
+    path = os.path.join(out, "checkpoints", checkpoint)
+    step = json.loads(open_text(path))["step"]
+    assert 3 <= step < 400 and checkpoint == f"step-{step:07d}"
+    assert {"trainable.safetensors", "optimizer.pt", "rng-rank0.pt", "state.json"} <= set(os.listdir(path))
+    assert not os.path.exists(os.path.join(out, "adapter"))  # the run did not finish: no final artefact
+    # (resuming from such a checkpoint is bit for bit: test_interrupt_then_resume_is_bit_for_bit)
+
+
+def open_text(checkpoint):
+    return open_text_file(os.path.join(checkpoint, "state.json"))
+
+
+def open_text_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_compare_prints_the_trade_off_table(tmp_path, tiny_bert):
+    data = _write_cls(tmp_path / "d.jsonl")
+    table = str(tmp_path / "table.json")
+    result = _cli("compare", "--model", tiny_bert, "--data", data, "--methods", "head,lora,qlora", "--max-steps", "2",
+                  "--batch-size", "8", "--output-dir", str(tmp_path / "cmp"), "--out", table)  # fmt: skip
+    rows = json.loads(open_text_file(table))
+    assert [r["method"] for r in rows] == ["head", "lora", "qlora"]
+    assert rows[0]["trainable"] < rows[1]["trainable"] == rows[2]["trainable"]
+    assert rows[2]["total"] == rows[1]["total"]  # a 4-bit value counts as one parameter
+    for word in ("trainable", "peak memory", "step time", "best val loss", "qlora"):
+        assert word in result.stdout
