@@ -4,4 +4,4 @@ Importing this package registers every kernel's ahead-of-time compile specs (see
 :mod:`fastlora.aot`).
 """
 
-from fastlora.kernels import lora, quant4  # noqa: F401
+from fastlora.kernels import adapter, lora, quant4  # noqa: F401

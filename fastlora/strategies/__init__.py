@@ -1,5 +1,6 @@
 """Fine-tuning strategies beyond LoRA: bottleneck adapters, prompt/prefix tuning, full FT, feature extraction."""
 
+from fastlora.strategies.bottleneck import AdapterConfig, AdapterModel, inject_adapters, load_adapters
 from fastlora.strategies.full import (
     TrainableReport,
     discriminative_param_groups,
@@ -22,6 +23,8 @@ from fastlora.strategies.prompt import (
 )
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterModel",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptModel",
@@ -30,8 +33,10 @@ __all__ = [
     "discriminative_param_groups",
     "feature_extraction",
     "full_finetune",
+    "inject_adapters",
     "inject_prompt",
     "layer_depths",
+    "load_adapters",
     "load_prompt",
     "load_trainable",
     "loraplus_param_groups",
