@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
+def _setup_logging() -> None:
+    """fastlora's warnings to stderr as plain lines; bitsandbytes' import-time note about an optional
+    CPU kernel package (``kernels``) silenced: it is not used by fastlora."""
+    log = logging.getLogger("fastlora")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     parser = argparse.ArgumentParser(prog="fastlora", description="Kernel-optimised LoRA/QLoRA for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 

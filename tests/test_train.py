@@ -413,11 +413,11 @@ def test_yaml_config_and_overrides(tmp_path):
         TrainConfig(method="qlora2")
 
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "full", "head"])
+@pytest.mark.parametrize("method", ["adapter", "prompt", "ptuning", "prefix", "full", "head"])
 def test_every_method_trains_only_what_it_should(tmp_path, method):
     """On the real all-MiniLM-L6-v2 (a random tiny encoder's pooled features barely depend on the input)."""
     data, model = _write_cls(tmp_path / "d.jsonl"), str(minilm.get_model_path())
-    lr = {"full": 1e-4, "head": 1e-2}.get(method, 3e-2)
+    lr = {"full": 1e-4, "head": 1e-2, "adapter": 1e-3}.get(method, 3e-2)
     cfg = _cfg(tmp_path, model, data, method=method, max_steps=8, eval_every=8, lr=lr, log_every=1)
     trainer = Trainer(cfg)
     trainer.run()
@@ -429,6 +429,9 @@ def test_every_method_trains_only_what_it_should(tmp_path, method):
         assert names == {n for n, _ in trainer.model.named_parameters()}
     elif method == "head":
         assert names == {"classifier.weight", "classifier.bias"}
+    elif method == "adapter":
+        assert any("classifier" in n for n in names)
+        assert all("classifier" in n or ".adapter." in n for n in names), names
     else:
         assert any("classifier" in n for n in names) and not any("encoder.layer" in n for n in names)
     if method != "full":
