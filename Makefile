@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-gpu lint env clean
+.PHONY: demo test test-gpu lint env clean bench bench-gpu
 
 env: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ test: lint
 # On a CUDA machine: the compiled Triton kernels on the GPU (the `gpu`-marked tests).
 test-gpu: env
 	FASTLORA_GPU=1 $(BIN)/python -m pytest -q -m gpu
+
+# Benchmarks (benchmarks/README.md). Anywhere: the reduced CPU set.
+bench: env
+	$(BIN)/fastlora bench --quick
+
+# On a CUDA machine: every suite, full case lists, into benchmarks/results/<date>_gpu/ (commit it).
+bench-gpu: env
+	$(BIN)/fastlora bench --suite all --out benchmarks/results/$$(date -u +%Y-%m-%d)_gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

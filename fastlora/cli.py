@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and print registers, spills, wgmma use")
 
+    from fastlora.bench.cli import add_parser as add_bench
     from fastlora.train.cli import add_parsers as add_train
 
     add_train(sub)
+    add_bench(sub)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastlora.aot import main as aot_main
 
         return aot_main([])
+    if args.command == "bench":
+        from fastlora.bench.cli import run as run_bench
+
+        return run_bench(args)
     if args.command in ("finetune", "merge", "generate", "eval", "compare"):
         from fastlora.train.cli import run
 
