@@ -179,7 +179,7 @@ def test_lora_classification_learns_and_saves_a_peft_adapter(tmp_path, tiny_bert
     assert summary.val_loss_after < summary.val_loss_before
     assert summary.val_accuracy_after > summary.val_accuracy_before
     adapter = os.path.join(cfg.output_dir, "adapter")
-    config = _jsonl(os.path.join(adapter, "adapter_config.json"))[0]
+    config = json.loads(open_text_file(os.path.join(adapter, "adapter_config.json")))
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
     keys = load_file(os.path.join(adapter, "adapter_model.safetensors")).keys()
     assert all(".lora_A." in k or ".lora_B." in k or ".classifier." in k for k in keys)
