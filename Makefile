@@ -11,7 +11,7 @@ env: $(VENV)/.installed
 
 # A CUDA torch already installed for $(PY) is kept (the venv sees it); otherwise the
 # CPU build of torch goes in first, so nothing pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "fastlora: keeping the CUDA torch of $(PY)"; \
 		$(PY) -m venv --system-site-packages $(VENV); \
@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel; \
 		$(BIN)/python -m pip install -q torch==2.13.0; \
 	fi
+	$(BIN)/python -m pip install -q ninja
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
@@ -47,4 +48,4 @@ bench-gpu: env
 	$(BIN)/fastlora bench --suite all --out benchmarks/results/$$(date -u +%Y-%m-%d)_gpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastlora/_C*.so

@@ -34,7 +34,9 @@ def quantize_4bit(
         blocksize: 32, 64, 128, 256, 512, 1024, 2048 or 4096 values per absmax.
         double_quant: quantise the absmax statistics to 8 bits (bitsandbytes' compress_statistics).
         quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bf16 for FSDP).
-        backend: "torch", "triton" or "cuda"; default by device (see :mod:`fastlora._backend`).
+        backend: "torch", "triton" or "cuda" (native; CPU tensors only, elsewhere it falls back
+            with a warning); default by device (see :mod:`fastlora._backend`): the native kernels
+            for CPU tensors when built (bit-identical to the PyTorch reference), else the reference.
 
     Returns:
         packed: (ceil(n / 2) / itemsize(quant_storage), 1) tensor of ``quant_storage``.
@@ -58,14 +60,21 @@ def quantize_4bit(
         )
     if w.is_meta:  # shapes only: meta-device model construction
         return _quantize_meta(w, quant_type, blocksize, double_quant, quant_storage)
-    bad = (~torch.isfinite(w)).sum().item()
-    if bad:
-        raise ValueError(f"quantize_4bit: w has {bad} NaN/Inf values; a 4-bit block cannot represent them")
-
-    if _backend.select(w, backend, op="quantize_4bit") == "triton":
+    choice = _backend.select(w, backend, op="quantize_4bit", native=("cpu",))
+    if choice != "cuda":
+        _check_finite(w)
+    quantize_blockwise = quantize_blockwise_ref
+    if choice == "triton":
         from fastlora.kernels.quant4 import quantize_4bit_triton
 
         packed, absmax = quantize_4bit_triton(w, quant_type, blocksize)
+    elif choice == "cuda":  # native CPU kernels (csrc/cpu), bit-identical to the reference
+        from fastlora import native
+
+        packed, absmax = native.quantize_4bit_blocks(w, quant_type, blocksize)
+        if not torch.isfinite(absmax).all():  # the kernel's absmax propagates NaN/Inf: a cheap check
+            _check_finite(w)
+        quantize_blockwise = native.quantize_blockwise_blocks
     else:
         packed, absmax = quantize_4bit_ref(w, quant_type, blocksize)
 
@@ -73,7 +82,7 @@ def quantize_4bit(
     if double_quant:
         offset = absmax.mean()
         code2 = get_dynamic_map(w.device)
-        absmax, absmax2 = quantize_blockwise_ref(absmax - offset, code2, NESTED_BLOCKSIZE)
+        absmax, absmax2 = quantize_blockwise(absmax - offset, code2, NESTED_BLOCKSIZE)
         nested = NestedState(absmax=absmax2, code=code2, offset=float(offset), blocksize=NESTED_BLOCKSIZE)
     state = QuantState(
         absmax=absmax,
@@ -85,6 +94,12 @@ def quantize_4bit(
         nested=nested,
     )
     return packed.view(quant_storage).unsqueeze(1), state
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    bad = (~torch.isfinite(w)).sum().item()
+    if bad:
+        raise ValueError(f"quantize_4bit: w has {bad} NaN/Inf values; a 4-bit block cannot represent them")
 
 
 def _quantize_meta(w, quant_type, blocksize, double_quant, quant_storage) -> tuple[torch.Tensor, QuantState]:
@@ -126,7 +141,8 @@ def dequantize_4bit(
         state: its :class:`QuantState`, on the same device.
         out_dtype: fp32, fp16 or bf16; default ``state.dtype``. Values are computed in fp32 and
             rounded to nearest-even.
-        backend: "torch", "triton" or "cuda"; default by device.
+        backend: "torch", "triton" or "cuda" (native, CPU and CUDA tensors); default by device
+            (see :mod:`fastlora._backend`).
 
     Returns:
         Tensor of ``state.shape`` and ``out_dtype``.
@@ -137,8 +153,13 @@ def dequantize_4bit(
     out_dtype = out_dtype or state.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize_4bit: out_dtype must be float32/float16/bfloat16, got {out_dtype}")
-    if _backend.select(packed, backend, op="dequantize_4bit") == "triton":
+    choice = _backend.select(packed, backend, op="dequantize_4bit", native=("cpu", "cuda"))
+    if choice == "triton":
         from fastlora.kernels.quant4 import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, state, out_dtype)
+    if choice == "cuda":  # native kernels (csrc/), bit-identical to the reference
+        from fastlora import native
+
+        return native.dequantize_blocks(packed, state, out_dtype)
     return dequantize_4bit_ref(packed, absmax_fp32(state), state.code, state.blocksize, tuple(state.shape), out_dtype)
