@@ -331,3 +331,23 @@ def test_load_trainable_checks_before_copying(tmp_path):
         f.write(b"\x00" * 5)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_trainable(other, path)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "ptuning", "prefix"])
+def test_injecting_into_an_eval_host_keeps_eval_mode(method):
+    """A model loaded for inference must not get dropout from freshly injected modules."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    inject = {
+        "lora": lambda m: fastlora.inject(m, r=4, lora_dropout=0.5),
+        "adapter": lambda m: fastlora.inject_adapters(m, fastlora.AdapterConfig(r=4, dropout=0.5)),
+        "ptuning": lambda m: fastlora.inject_prompt(m, fastlora.PTuningConfig(4, encoder_dropout=0.5)),
+        "prefix": lambda m: fastlora.inject_prompt(m, fastlora.PrefixTuningConfig(4, prefix_projection=True)),
+    }[method]
+    wrapped = inject(transformers.LlamaForCausalLM(config).eval())
+    assert [n for n, m in wrapped.named_modules() if m.training] == []
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(wrapped(input_ids=ids).logits, wrapped(input_ids=ids).logits)
+    wrapped.train()
+    assert all(m.training for m in wrapped.modules())

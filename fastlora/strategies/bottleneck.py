@@ -204,8 +204,11 @@ def _map_first(out, fn, module: nn.Module):
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, in the train/eval mode of the module it replaces."""
     parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+    owner = root.get_submodule(parent) if parent else root
+    module.train(getattr(owner, name).training)
+    setattr(owner, name, module)
 
 
 def _outermost(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -337,6 +340,7 @@ class AdapterModel(nn.Module):
             wrapper.active_adapter = _ADAPTER_NAME
             _set_module(model, path, wrapper)
         self.model = model
+        self.training = model.training  # an eval-mode host stays in eval mode (adapter dropout off)
         self.adapter_config = config
 
     def forward(self, *args, **kwargs):

@@ -430,7 +430,8 @@ class PromptModel(nn.Module):
         heads = _head_modules(model, config.modules_to_save)
         encoder = _encoder if _encoder is not None else _build_encoder(config, model, dims)
         self.model = model
-        self.prompt_encoder = encoder
+        self.prompt_encoder = encoder.train(model.training)  # the host's train/eval mode (encoder dropout)
+        self.training = model.training
         self.peft_config = config
         self.dims = dims
         self.cache_kwarg = cache_kwarg
