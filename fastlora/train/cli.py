@@ -202,7 +202,7 @@ def print_summary(console, summaries) -> None:
             s.stopped,
         )
     console.print(table)
-    if summaries and summaries[0].output_dir:
+    if len(summaries) == 1 and summaries[0].output_dir:
         console.print(f"artefacts: {summaries[0].output_dir}/adapter (last), {summaries[0].output_dir}/best (best val)")
 
 
