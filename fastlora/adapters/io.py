@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Any
 
 import torch
 
@@ -46,8 +47,9 @@ def save_adapter_files(directory: str, config: LoraConfig, tensors: dict[str, to
     config.save(os.path.join(directory, CONFIG_NAME))
 
 
-def read_adapter_files(directory: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read and validate an adapter directory; each problem is a ValueError or FileNotFoundError naming the file."""
+def read_files(directory: str, what: str = "adapter") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The raw JSON config and the tensors of a saved directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``); a missing or unreadable file is a FileNotFoundError / ValueError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -55,18 +57,25 @@ def read_adapter_files(directory: str) -> tuple[LoraConfig, dict[str, torch.Tens
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"fastlora: adapter file {path} does not exist")
+            raise FileNotFoundError(f"fastlora: {what} file {path} does not exist")
     try:
         with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"fastlora: {config_path} is not valid JSON ({e})") from e
-    config = LoraConfig.from_peft_dict(raw, where=config_path)
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"fastlora: {weights_path} is not a readable safetensors file ({e})") from e
+    return raw, tensors
+
+
+def read_adapter_files(directory: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and validate a LoRA adapter directory; each problem is a ValueError or FileNotFoundError naming the file."""
+    raw, tensors = read_files(directory)
+    config = LoraConfig.from_peft_dict(raw, where=os.path.join(directory, CONFIG_NAME))
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
         raise ValueError(f"fastlora: {weights_path}: key {bad[0]!r} does not start with {PREFIX!r} (peft's layout)")
     return config, tensors

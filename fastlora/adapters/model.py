@@ -20,6 +20,7 @@ from torch import nn
 
 from fastlora.adapters.config import LoraConfig
 from fastlora.adapters.io import PREFIX, read_adapter_files, save_adapter_files
+from fastlora.adapters.report import ParameterReport
 from fastlora.modules.lora import FastLoRALinear, _check_hparams
 from fastlora.quant import dequantize_4bit
 
@@ -83,7 +84,7 @@ class ModulesToSave(nn.Module):
             return getattr(self.current, name)  # e.g. `classifier.weight` read by the host model
 
 
-class LoraModel(nn.Module):
+class LoraModel(ParameterReport, nn.Module):
     """A host model whose selected linear layers are :class:`FastLoRALinear`, with named adapters.
 
     The host is modified in place and stays reachable as ``.model``; unknown attributes (``config``,
@@ -385,23 +386,6 @@ class LoraModel(nn.Module):
             for key, value in base.state_dict().items():
                 shapes[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
         return shapes
-
-    # -- reporting ------------------------------------------------------------------------------
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters; a packed 4-bit tensor counts its 2 values per byte."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
-            total += n
-            trainable += n if p.requires_grad else 0
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.parameter_counts()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
 
 
 def inject(

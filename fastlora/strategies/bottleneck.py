@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from fastlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_files
 from fastlora.adapters.model import LoraModel, ModulesToSave
+from fastlora.adapters.report import ParameterReport
 from fastlora.kernels.adapter_ref import check_activation
 from fastlora.modules.adapter import FastAdapter
 
@@ -311,7 +312,7 @@ def _param_like(module: nn.Module, model: nn.Module) -> tuple[torch.dtype, torch
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(ParameterReport, nn.Module):
     """A frozen host model with bottleneck adapters (and optional modules_to_save copies) that train.
 
     The host is modified in place and stays reachable as ``.model``; unknown attributes
@@ -422,24 +423,10 @@ class AdapterModel(nn.Module):
 
     # -- reporting ------------------------------------------------------------------------------
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters; modules_to_save count their trained copy and the frozen original."""
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
-
     def trainable_share(self) -> float:
         """Trainable parameters as a fraction of all parameters (typically 0.005 - 0.05)."""
         trainable, total = self.parameter_counts()
         return trainable / total if total else 0.0
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.parameter_counts()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> AdapterModel:
@@ -453,25 +440,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None, **ove
 
 
 def _read(directory: str) -> tuple[AdapterConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config_path = os.path.join(directory, CONFIG_NAME)
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"fastlora: adapter file {path} does not exist")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fastlora: {config_path} is not valid JSON ({e})") from e
-    config = AdapterConfig.from_dict(raw, where=config_path)
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"fastlora: {weights_path} is not a readable safetensors file ({e})") from e
-    return config, raw, tensors
+    raw, tensors = read_files(directory)
+    return AdapterConfig.from_dict(raw, where=os.path.join(directory, CONFIG_NAME)), raw, tensors
 
 
 def load_adapters(model: nn.Module, directory: str, *, is_trainable: bool = False) -> AdapterModel:

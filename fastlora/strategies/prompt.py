@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastlora.adapters.report import ParameterReport
+
 PROMPT_KEY = "prompt_embeddings"
 ENCODER_PREFIX = "prompt_encoder."
 HEAD_PREFIX = "base_model."  # peft's prefix for modules_to_save of prompt-learning models
@@ -399,7 +401,7 @@ def _build_encoder(config: PromptConfig, model: nn.Module, dims: _Dims, initiali
 # -- the model -----------------------------------------------------------------------------------
 
 
-class PromptModel(nn.Module):
+class PromptModel(ParameterReport, nn.Module):
     """A frozen host plus a trained prompt (``prompt_encoder``); see the module docstring for the mechanics.
 
     The host stays reachable as ``.model``; unknown attributes (``config``, ``device``...) are forwarded
@@ -611,22 +613,7 @@ class PromptModel(nn.Module):
         embeds = torch.cat([prompts, inputs_embeds], 1)
         return self.model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
-    # -- reporting, save ---------------------------------------------------------------------------
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters; a packed 4-bit tensor counts its 2 values per byte."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
-            total += n
-            trainable += n if p.requires_grad else 0
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.parameter_counts()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
+    # -- save ---------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """What :meth:`save_adapter` writes: ``prompt_embeddings`` (n, dim, the encoder's output in eval

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from fastlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_files
 from fastlora.strategies.prompt import (
     ENCODER_PREFIX,
     HEAD_PREFIX,
@@ -126,23 +126,7 @@ def _config_from_peft(raw: Any, where: str) -> PromptConfig:
 
 
 def _read_prompt_files(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"fastlora: prompt file {path} does not exist")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fastlora: {config_path} is not valid JSON ({e})") from e
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"fastlora: {weights_path} is not a readable safetensors file ({e})") from e
-    return raw, tensors
+    return read_files(directory, what="prompt")
 
 
 def _check_dims(raw: dict[str, Any], config: PromptConfig, model: nn.Module, dims: _Dims, where: str) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlora.adapters.io import atomic_write
+from fastlora.adapters.report import count_parameters
 from fastlora.train import data as D
 from fastlora.train import methods as M
 from fastlora.train.checkpoint import CheckpointMixin
@@ -151,8 +152,7 @@ class Trainer(CheckpointMixin):
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+        self.trainable, self.total = count_parameters(model)
         if self.trainable == 0:
             raise TrainingError(f"fastlora: method {cfg.method!r} left nothing trainable in this model")
         self.train_model = self.model
