@@ -9,7 +9,6 @@ model = fastlora.load(base_model, "out/")        # or peft.PeftModel.from_pretra
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import re
@@ -20,7 +19,7 @@ from torch import nn
 
 from fastlora.adapters.config import LoraConfig
 from fastlora.adapters.io import PREFIX, read_adapter_files, save_adapter_files
-from fastlora.adapters.report import ParameterReport
+from fastlora.adapters.wrapper import ModulesToSave, WrappedModel, set_module
 from fastlora.modules.lora import FastLoRALinear, _check_hparams
 from fastlora.quant import dequantize_4bit
 
@@ -47,44 +46,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path``, in the train/eval mode of the module it replaces."""
-    parent, _, name = path.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    module.train(getattr(owner, name).training)
-    setattr(owner, name, module)
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full beside the adapters: the frozen original plus one trainable copy per adapter."""
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original = original.requires_grad_(False)
-        self.trained = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-
-    def add(self, name: str) -> None:
-        self.trained[name] = copy.deepcopy(self.original).requires_grad_(True)
-
-    @property
-    def current(self) -> nn.Module:
-        if self.disabled or self.active_adapter not in self.trained:
-            return self.original
-        return self.trained[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.current, name)  # e.g. `classifier.weight` read by the host model
-
-
-class LoraModel(ParameterReport, nn.Module):
+class LoraModel(WrappedModel):
     """A host model whose selected linear layers are :class:`FastLoRALinear`, with named adapters.
 
     The host is modified in place and stays reachable as ``.model``; unknown attributes (``config``,
@@ -104,28 +66,12 @@ class LoraModel(ParameterReport, nn.Module):
         if config is not None:
             self.add_adapter(adapter_name, config)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self._modules["model"], name)
-
     # -- layers -------------------------------------------------------------------------------
 
     def lora_layers(self) -> Iterator[tuple[str, FastLoRALinear]]:
         """(path in the host model, layer) of every FastLoRALinear outside modules_to_save copies."""
         for path, module in self.model.named_modules():
             if isinstance(module, FastLoRALinear) and ".trained." not in f".{path}.":
-                yield path, module
-
-    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
                 yield path, module
 
     def _targets(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -191,14 +137,14 @@ class LoraModel(ParameterReport, nn.Module):
                     new = FastLoRALinear.from_linear(module, r, alpha, config.lora_dropout, quant=config.quantize,
                                                      blocksize=config.blocksize, double_quant=config.double_quant,
                                                      adapter_name=name, **hp)  # fmt: skip
-                    _set_module(self.model, path, new)
+                    set_module(self.model, path, new)
                 else:  # bnb.nn.Linear4bit, e.g. from transformers' BitsAndBytesConfig: shared as is
-                    _set_module(self.model, path, FastLoRALinear.from_bnb(module, r, alpha, config.lora_dropout,
+                    set_module(self.model, path, FastLoRALinear.from_bnb(module, r, alpha, config.lora_dropout,
                                                                           adapter_name=name, **hp))  # fmt: skip
             for path, module in saved:
                 if not isinstance(module, ModulesToSave):
                     module = ModulesToSave(module)
-                    _set_module(self.model, path, module)
+                    set_module(self.model, path, module)
                 module.add(name)
         except Exception:
             self.peft_config[name] = config
@@ -308,9 +254,9 @@ class LoraModel(ParameterReport, nn.Module):
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
             linear.requires_grad_(False)
-            _set_module(self.model, path, linear)
+            set_module(self.model, path, linear)
         for path, module in list(self.saved_modules()):
-            _set_module(self.model, path, module.current)
+            set_module(self.model, path, module.current)
         return self.model
 
     # -- save / load ----------------------------------------------------------------------------

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from fastlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_files
-from fastlora.adapters.model import LoraModel, ModulesToSave
-from fastlora.adapters.report import ParameterReport
+from fastlora.adapters.model import LoraModel
+from fastlora.adapters.wrapper import ModulesToSave, WrappedModel, set_module
 from fastlora.kernels.adapter_ref import check_activation
 from fastlora.modules.adapter import FastAdapter
 
@@ -204,14 +204,6 @@ def _map_first(out, fn, module: nn.Module):
     )
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path``, in the train/eval mode of the module it replaces."""
-    parent, _, name = path.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    module.train(getattr(owner, name).training)
-    setattr(owner, name, module)
-
-
 def _outermost(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found if q != p)]
 
@@ -312,7 +304,7 @@ def _param_like(module: nn.Module, model: nn.Module) -> tuple[torch.dtype, torch
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-class AdapterModel(ParameterReport, nn.Module):
+class AdapterModel(WrappedModel):
     """A frozen host model with bottleneck adapters (and optional modules_to_save copies) that train.
 
     The host is modified in place and stays reachable as ``.model``; unknown attributes
@@ -334,36 +326,20 @@ class AdapterModel(ParameterReport, nn.Module):
                                          device=device)  # fmt: skip
         model.requires_grad_(False)
         for path, module, mode, _ in plan:
-            _set_module(model, path, AdapterLayer(module, adapters[path], mode))
+            set_module(model, path, AdapterLayer(module, adapters[path], mode))
         for path, module in saved:
             wrapper = ModulesToSave(module)
             wrapper.add(_ADAPTER_NAME)
             wrapper.active_adapter = _ADAPTER_NAME
-            _set_module(model, path, wrapper)
+            set_module(model, path, wrapper)
         self.model = model
         self.training = model.training  # an eval-mode host stays in eval mode (adapter dropout off)
         self.adapter_config = config
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self._modules["model"], name)
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """(path in the host, layer) of every adapted module."""
         for path, module in self.model.named_modules():
             if isinstance(module, AdapterLayer):
-                yield path, module
-
-    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
                 yield path, module
 
     @contextlib.contextmanager
@@ -382,9 +358,9 @@ class AdapterModel(ParameterReport, nn.Module):
     def unload(self) -> nn.Module:
         """The host with every adapter removed and the original modules_to_save back (still frozen)."""
         for path, layer in list(self.adapter_layers()):
-            _set_module(self.model, path, layer.base_layer)
+            set_module(self.model, path, layer.base_layer)
         for path, module in list(self.saved_modules()):
-            _set_module(self.model, path, module.original)
+            set_module(self.model, path, module.original)
         return self.model
 
     def merge_and_unload(self) -> nn.Module:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.adapters.report import ParameterReport
+from fastlora.adapters.wrapper import WrappedModel
 
 PROMPT_KEY = "prompt_embeddings"
 ENCODER_PREFIX = "prompt_encoder."
@@ -401,7 +401,7 @@ def _build_encoder(config: PromptConfig, model: nn.Module, dims: _Dims, initiali
 # -- the model -----------------------------------------------------------------------------------
 
 
-class PromptModel(ParameterReport, nn.Module):
+class PromptModel(WrappedModel):
     """A frozen host plus a trained prompt (``prompt_encoder``); see the module docstring for the mechanics.
 
     The host stays reachable as ``.model``; unknown attributes (``config``, ``device``...) are forwarded
@@ -441,14 +441,6 @@ class PromptModel(ParameterReport, nn.Module):
         model.requires_grad_(False)
         for _, head in heads:
             head.requires_grad_(True)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self._modules["model"], name)
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlora.adapters.io import atomic_write
-from fastlora.adapters.report import count_parameters
+from fastlora.adapters.wrapper import count_parameters
 from fastlora.train import data as D
 from fastlora.train import methods as M
 from fastlora.train.checkpoint import CheckpointMixin
