@@ -1,7 +1,8 @@
 """The native kernels of csrc/ (fastlora._C): CPU kernels against the PyTorch path, bit for bit where
 the format is defined (quantise / dequantise) and against float64 references where arithmetic is
 (GEMV, merge); torch.library registration; the build's fallbacks; the CUDA sources compiled with
-plain nvcc for sm_80 / sm_90 (no spills); and `gpu`-marked tests of the CUDA kernels.
+plain nvcc for sm_80 / sm_90 (no spills); and `gpu`-marked tests of the CUDA kernels (which
+test_cuda_emulated.py also runs on the CPU, through an emulator).
 """
 
 from __future__ import annotations

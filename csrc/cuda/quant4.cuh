@@ -5,7 +5,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "../quant4_format.h"
 
@@ -37,11 +40,15 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 // 16 bytes of a tensor that is read exactly once (the packed weight): no L1 allocation, so the
 // activations that every warp re-reads stay in L1.
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
+#if defined(__CUDA_ARCH__)
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+#else  // the CPU emulator of tests/cuda_emu
+  return *static_cast<const uint4*>(p);
+#endif
 }
 
 // 8 consecutive values at a 16-byte aligned address (32-byte for fp32), converted to fp32.
@@ -104,6 +111,24 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
+
+// Kernel launches go through these two, so that a host compiler can build the kernels against
+// the CPU emulator of tests/cuda_emu (which defines both when __CUDACC__ is not).
+#if defined(__CUDACC__)
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// Every block resident at once (the caller sizes the grid by occupancy), so grid.sync() works.
+template <typename... Params>
+cudaError_t launch_cooperative_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                                      std::decay_t<Params>... args) {
+  void* ptrs[] = {static_cast<void*>(&args)...};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, 0, stream);
+}
+#endif
 
 __host__ __device__ __forceinline__ bool aligned(const void* p, unsigned bytes) {
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1u)) == 0;

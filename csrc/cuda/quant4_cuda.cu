@@ -288,8 +288,8 @@ cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream, bool w_vec, bo
   auto kernel = gemv_4bit_kernel<T, MT>;
   const int log2_bs = log2_int(p.blocksize);
   if (!coop) {
-    kernel<<<grid_for(p.N, kGemvWarps), kGemvThreads, 0, stream>>>(p, log2_bs, w_vec, x_vec, a_vec, coop);
-    return cudaGetLastError();
+    return launch_kernel(kernel, dim3(grid_for(p.N, kGemvWarps)), dim3(kGemvThreads), stream, p, log2_bs, w_vec,
+                         x_vec, a_vec, coop);
   }
   // Cooperative: every block must be resident at once for the grid-wide sync.
   int device = 0, sms = 0, per_sm = 0;
@@ -299,11 +299,8 @@ cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream, bool w_vec, bo
   if (err != cudaSuccess) return err;
   const int64_t wanted = (p.N + p.r + kGemvWarps - 1) / kGemvWarps;
   const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(per_sm) * sms)));
-  GemvParams params = p;
-  int log2_arg = log2_bs;
-  void* args[] = {&params, &log2_arg, &w_vec, &x_vec, &a_vec, &coop};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kGemvThreads), args, 0,
-                                     stream);
+  return launch_cooperative_kernel(kernel, dim3(grid), dim3(kGemvThreads), stream, p, log2_bs, w_vec, x_vec, a_vec,
+                                   coop);
 }
 
 }  // namespace
@@ -314,12 +311,13 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const AbsmaxRef& absmax, cons
   const bool vec = aligned(packed, 4) && aligned(out, 32);
   const int log2_bs = log2_int(blocksize);
   const unsigned grid = grid_for((n + 7) / 8, kDequantThreads);
+  cudaError_t err = cudaSuccess;
   dispatch(out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_4bit_kernel<T>
-        <<<grid, kDequantThreads, 0, stream>>>(packed, absmax, code, log2_bs, n, static_cast<T*>(out), vec);
+    err = launch_kernel(dequantize_4bit_kernel<T>, dim3(grid), dim3(kDequantThreads), stream, packed, absmax, code,
+                        log2_bs, n, static_cast<T*>(out), vec);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 cudaError_t gemv_4bit(const GemvParams& p, cudaStream_t stream) {
@@ -353,12 +351,14 @@ cudaError_t merge_4bit(const MergeParams& p, cudaStream_t stream) {
   if (total <= 0) return cudaSuccess;
   const int log2_bs = log2_int(p.blocksize);
   const unsigned grid = grid_for(total, kMergeThreads);
+  cudaError_t err = cudaSuccess;
   dispatch(p.dtype, [&](auto t) {
     dispatch(p.out_dtype, [&](auto o) {
-      merge_4bit_kernel<decltype(t), decltype(o)><<<grid, kMergeThreads, 0, stream>>>(p, log2_bs);
+      err = launch_kernel(merge_4bit_kernel<decltype(t), decltype(o)>, dim3(grid), dim3(kMergeThreads), stream, p,
+                          log2_bs);
     });
   });
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace cuda

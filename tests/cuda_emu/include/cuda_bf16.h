@@ -1,0 +1,3 @@
+// Stand-in for CUDA's <cuda_bf16.h>: the CPU emulator (../emu.h).
+#pragma once
+#include "../emu.h"

@@ -1,0 +1,316 @@
+"""The CUDA kernels of csrc/cuda/quant4_cuda.cu, run on the CPU: the unchanged source built with the host
+compiler against the emulator in tests/cuda_emu/ (threads as fibers, real __syncthreads / warp shuffle / grid
+barriers; see emu.h), called through ctypes on host memory.
+
+What this covers without a GPU: every launcher's choice of path (16-byte vs element-wise, plain vs
+cooperative), every index computation, tail and grid-stride loop, the shuffle reductions, the grid-wide sync
+of the single-launch LoRA path, and the results — bit for bit against the PyTorch reference for the
+dequantiser, within the float64-reference bound for the GEMV and the merge. Every buffer sits against an
+inaccessible page, so a read or write past its end faults; outputs and scratch start poisoned (NaN).
+What it cannot cover: the hardware (PTX loads, real occupancy, timing) — the `gpu` tests of test_native.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import mmap
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import id_formatter
+
+from fastlora import native
+from fastlora.quant import dequantize_4bit, quantize_4bit
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = ROOT / "tests" / "cuda_emu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+CUDA_SUCCESS, CUDA_ERROR_LAUNCH_FAILURE = 0, 719
+
+_SOURCES = [
+    EMU / "emu.h", EMU / "emu.cpp", EMU / "kernels.cpp", EMU / "selftest.cpp", *sorted(EMU.glob("include/*.h")),
+    ROOT / "csrc" / "quant4_format.h", *sorted((ROOT / "csrc" / "cuda").glob("*")),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The emulated kernels as a shared library (built once per session, about 5 s)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) to build the CUDA emulator")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:16]
+    lib_path = tmp_path_factory.mktemp("cuda_emu") / f"emu-{digest}.so"
+    cmd = [
+        cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wextra",
+        "-Wno-unknown-pragmas", f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{ROOT / 'csrc'}", "-x", "c++",
+        str(EMU / "kernels.cpp"), str(EMU / "emu.cpp"), str(EMU / "selftest.cpp"), "-o", str(lib_path), "-lpthread",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the CUDA emulator failed:\n{proc.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_last_error.restype = ctypes.c_char_p
+    lib.emu_configure(2, 1)
+    yield lib
+    lib.emu_configure(2, 1)
+
+
+@pytest.fixture
+def device(emu):
+    """Sets the emulated device: `device(sms, blocks_per_sm)` (the occupancy answer for every kernel)."""
+    yield lambda sms, per_sm: emu.emu_configure(sms, per_sm)
+    emu.emu_configure(2, 1)
+
+
+# -- guarded host buffers ----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_PROT_NONE = 0
+_CANARY = 0xA5
+_mappings: dict[int, tuple[mmap.mmap, int, int]] = {}  # data_ptr -> (mapping, end of data, guard page)
+
+
+def guarded(t: torch.Tensor | None, *, align: int = 32, shift: int = 0) -> torch.Tensor | None:
+    """A contiguous copy of `t` in fresh pages, followed by an inaccessible (PROT_NONE) page.
+
+    The copy starts `shift` bytes past an `align`-byte boundary (shift = 1 gives an unaligned view) and ends
+    as close to the guard page as that allows (align = 1: exactly at it), so reading or writing past its
+    end faults; the few bytes between its end and the guard hold a canary (:func:`assert_no_overrun`).
+    """
+    if t is None:
+        return None
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    pages = max(1, -(-(nbytes + align + shift) // page))
+    mapping = mmap.mmap(-1, (pages + 1) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    assert _libc.mprotect(base + pages * page, page, _PROT_NONE) == 0, os.strerror(ctypes.get_errno())
+    start = (pages * page - nbytes - shift) // align * align + shift
+    mapping[start + nbytes : pages * page] = bytes([_CANARY]) * (pages * page - start - nbytes)
+    out = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    _mappings[out.data_ptr()] = (mapping, start + nbytes, pages * page)  # also keeps the mapping alive
+    return out
+
+
+def poisoned(shape, dtype: torch.dtype, **kwargs) -> torch.Tensor:
+    """A guarded output buffer full of NaN: what a kernel leaves unwritten stays NaN."""
+    return guarded(torch.full(shape, float("nan"), dtype=dtype), **kwargs)
+
+
+def assert_no_overrun(*tensors: torch.Tensor | None) -> None:
+    """Nothing was written between the end of these guarded buffers and their guard pages."""
+    for t in tensors:
+        if t is not None:
+            mapping, end, guard = _mappings[t.data_ptr()]
+            assert mapping[end:guard] == bytes([_CANARY]) * (guard - end), f"write past the end of a {tuple(t.shape)}"
+
+
+def _p(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _state(state, **kwargs) -> list:
+    """absmax, q, nested_absmax, nested_code, offset, code, blocksize of the launchers' AbsmaxRef."""
+    nested = state.nested
+    if nested is None:
+        return [_p(guarded(state.absmax, **kwargs)), None, None, None, ctypes.c_float(0.0),
+                _p(guarded(state.code)), ctypes.c_int(state.blocksize)]  # fmt: skip
+    return [None, _p(guarded(state.absmax, **kwargs)), _p(guarded(nested.absmax)), _p(guarded(nested.code)),
+            ctypes.c_float(nested.offset), _p(guarded(state.code)), ctypes.c_int(state.blocksize)]  # fmt: skip
+
+
+def _check(emu, rc: int) -> None:
+    assert rc == CUDA_SUCCESS, f"launch failed ({rc}): {emu.emu_last_error().decode()}"
+
+
+def _last_launch(emu) -> dict:
+    out = (ctypes.c_int64 * 3)()
+    emu.emu_last_launch(out)
+    return {"grid": out[0], "block": out[1], "cooperative": bool(out[2])}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# -- the emulator itself ---------------------------------------------------------------------------------
+
+
+def test_emulator_shared_memory_is_per_block_and_shuffles_exchange_lanes(emu):
+    blocks, threads = 5, 96
+    out = torch.full((blocks * threads,), -1, dtype=torch.int32)
+    _check(emu, emu.selftest_shared(_p(out), blocks, threads))
+    assert torch.equal(out, torch.arange(blocks).repeat_interleave(threads).int())
+    for lane_mask in (1, 5, 16, 31):
+        got = torch.full((blocks * threads,), float("nan"))
+        _check(emu, emu.selftest_shuffle(_p(got), blocks, threads, lane_mask))
+        assert torch.equal(got, (torch.arange(blocks * threads) ^ lane_mask).float()), lane_mask
+
+
+def test_emulator_grid_sync_orders_every_blocks_writes(emu, device):
+    device(3, 2)
+    blocks, threads = 6, 64
+    n = blocks * threads
+    flags, out = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    _check(emu, emu.selftest_grid_sync(_p(flags), _p(out), blocks, threads))
+    assert torch.equal(out, torch.full((n,), n * (n + 1) // 2, dtype=torch.int32))
+    # more blocks than the device holds at once: refused, as cudaLaunchCooperativeKernel does
+    assert emu.selftest_grid_sync(_p(flags), _p(out), 7, threads) == 720
+
+
+def test_emulator_reports_a_shuffle_half_a_warp_never_reaches(emu):
+    out = torch.zeros(64)
+    assert emu.selftest_divergent_shuffle(_p(out)) == CUDA_ERROR_LAUNCH_FAILURE
+    message = emu.emu_last_error().decode()
+    assert "deadlock" in message and "__shfl_xor_sync" in message and "16 of 32 arrived" in message
+
+
+# -- dequantisation: bit-identical ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", ["aligned", "tight", "shifted"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=id_formatter("dq"))
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_bit_identical(emu, quant_type, double_quant, placement):
+    """aligned: the 4-byte / 32-byte path with a tail; tight: the buffers end exactly at the guard page;
+    shifted: packed one byte off alignment (the byte-wise path)."""
+    kwargs = {"aligned": {}, "tight": {"align": 1}, "shifted": {"shift": 1}}[placement]
+    tight = {"align": 4} if placement == "tight" else {}  # fp32 statistics: aligned to their element size
+    for shape, bs in (((333, 97), 64), ((1001,), 128), ((7,), 32), ((40, 96), 4096), ((300, 256), 32)):
+        w = torch.randn(shape)
+        packed, state = quantize_4bit(w, quant_type, bs, double_quant, backend="torch")
+        n = w.numel()
+        for out_dtype in DTYPES:
+            want = dequantize_4bit(packed, state, out_dtype, backend="torch").reshape(-1)
+            out = poisoned((n,), out_dtype, **({"align": 2} if placement == "tight" else {}))
+            rc = emu.emu_dequantize_4bit(_p(guarded(packed, **kwargs)), *_state(state, **tight),
+                                         ctypes.c_int64(n), _p(out), DTYPE_CODE[out_dtype])  # fmt: skip
+            _check(emu, rc)
+            assert_no_overrun(out)
+            assert torch.equal(out, want), (shape, bs, out_dtype)
+
+
+# -- the decode GEMV ----------------------------------------------------------------------------------
+
+# (K, N, quant_type, blocksize, double_quant): which path the launcher takes follows from K and alignment
+GEMV_SHAPES = {
+    "K256-N77": (256, 77, "nf4", 64, True),  # K % 32 == 0: the 16-byte streaming path
+    "K1024-N45-bs4096": (1024, 45, "fp4", 4096, False),  # blocks span rows
+    "K200-N45": (200, 45, "nf4", 128, True),  # K % 8 == 0 but not 32: element-wise W, 16-byte x and A
+    "K129-N33": (129, 33, "fp4", 32, False),  # odd K: rows start mid-byte
+}
+
+
+def _gemv(emu, x, packed, state, bias=None, lora_a=None, lora_b=None, lora_u=None, scale=1.0, ldx=None):
+    """The emulated launcher on guarded copies. `x` may be a row-strided view (ldx = its row stride)."""
+    m, k = x.shape
+    n = state.shape[0]
+    dtype = x.dtype
+    xg = guarded(x if ldx is None else torch.nn.functional.pad(x, (0, ldx - k)))  # rows ldx apart
+    r = lora_b.shape[1] if lora_b is not None else 0
+    y = poisoned((m, n), dtype)
+    coop = lora_a is not None and lora_b is not None
+    su = poisoned((m, r), torch.float32) if coop else None
+    y_partial = poisoned((m, n), torch.float32) if coop else None
+    rc = emu.emu_gemv_4bit(
+        _p(xg), ctypes.c_int64(ldx or k), DTYPE_CODE[dtype], m, ctypes.c_int64(n), ctypes.c_int64(k),
+        _p(guarded(packed)), *_state(state), _p(guarded(bias)), _p(guarded(lora_a)), _p(guarded(lora_b)),
+        _p(guarded(lora_u)), r, ctypes.c_float(scale), _p(y), _p(su), _p(y_partial),
+    )  # fmt: skip
+    _check(emu, rc)
+    assert_no_overrun(y, su, y_partial)
+    return y
+
+
+def _gemv_inputs(shape, m, dtype, lora, r=5):
+    k, n, qt, bs, dq = GEMV_SHAPES[shape]
+    packed, state = quantize_4bit(torch.randn(n, k) / math.sqrt(k), qt, bs, dq, backend="torch")
+    x = torch.randn(m, k).to(dtype)
+    bias = (torch.randn(n) * 0.1).to(dtype)
+    a, b = (torch.randn(r, k) / math.sqrt(k)).to(dtype), (torch.randn(n, r) / math.sqrt(r)).to(dtype)
+    kwargs = {}
+    if lora == "a":
+        kwargs = {"lora_a": a, "lora_b": b, "scale": 1.75}
+    elif lora == "u":
+        kwargs = {"lora_u": (x.float() @ a.float().T).to(dtype), "lora_b": b, "scale": 1.75}
+    return x, packed, state, bias, kwargs
+
+
+def _assert_close_to_float64(y, x, packed, state, bias, kwargs):
+    ref = native.gemv_4bit_ref(x, packed, state, bias, compute_dtype=torch.float64, **kwargs).double()
+    own = native.gemv_4bit_ref(x, packed, state, bias, compute_dtype=x.dtype, **kwargs)  # PyTorch's error
+    assert not torch.isnan(y).any(), "an output was never written"
+    assert _rel(y, ref) <= 2 * _rel(own, ref) + FLOOR[x.dtype], (_rel(y, ref), _rel(own, ref))
+
+
+@pytest.mark.parametrize("lora", [None, "a", "u"], ids=id_formatter("lora"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16], ids=id_formatter("M"))
+@pytest.mark.parametrize("shape", list(GEMV_SHAPES))
+def test_gemv_matches_float64_reference(emu, shape, m, dtype, lora):
+    x, packed, state, bias, kwargs = _gemv_inputs(shape, m, dtype, lora)
+    y = _gemv(emu, x, packed, state, bias, **kwargs)
+    _assert_close_to_float64(y, x, packed, state, bias, kwargs)
+    launch = _last_launch(emu)
+    assert launch["cooperative"] == (lora == "a") and launch["block"] == 128
+    if lora == "a":  # the emulated device (2 SMs x 1 block) makes the grid-stride loop go round
+        assert launch["grid"] == 2
+
+
+@pytest.mark.parametrize("per_sm", [1, 3, 64], ids=id_formatter("blocks_per_sm"))
+def test_gemv_single_launch_lora_any_grid_size(emu, device, per_sm):
+    """The cooperative path gives the same result whether one block does every task or each has its own."""
+    device(1, per_sm)
+    x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 4, torch.float32, "a", r=16)
+    y = _gemv(emu, x, packed, state, bias, **kwargs)
+    _assert_close_to_float64(y, x, packed, state, bias, kwargs)
+    assert _last_launch(emu)["grid"] == min(per_sm, (77 + 16 + 3) // 4)
+
+
+@pytest.mark.parametrize("ldx_extra", [32, 3], ids=["aligned-rows", "unaligned-rows"])
+def test_gemv_row_strided_x(emu, ldx_extra):
+    """x rows `ldx` elements apart (a view of a wider buffer): aligned rows keep the 16-byte path."""
+    x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 5, torch.bfloat16, "a")
+    y = _gemv(emu, x, packed, state, bias, **kwargs, ldx=x.shape[1] + ldx_extra)
+    _assert_close_to_float64(y, x, packed, state, bias, kwargs)
+
+
+def test_gemv_rejects_more_than_16_rows(emu):
+    x, packed, state, _, _ = _gemv_inputs("K256-N77", 17, torch.float32, None)
+    rc = emu.emu_gemv_4bit(
+        _p(x), ctypes.c_int64(256), 0, 17, ctypes.c_int64(77), ctypes.c_int64(256), _p(packed), *_state(state),
+        None, None, None, None, 0, ctypes.c_float(1.0), _p(torch.empty(17, 77)), None, None,
+    )  # fmt: skip
+    assert rc == 1  # cudaErrorInvalidValue; the binding raises its own message before this
+
+
+# -- merge ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=id_formatter("out"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("lora"))
+def test_merge_matches_float64_reference(emu, dtype, out_dtype):
+    n, k, r = 37, 203, 7
+    packed, state = quantize_4bit(torch.randn(n, k) / k**0.5, "nf4", 64, True, backend="torch")
+    a, b = torch.randn(r, k).to(dtype), torch.randn(n, r).to(dtype)
+    out = poisoned((n, k), out_dtype)
+    rc = emu.emu_merge_4bit(_p(guarded(packed)), *_state(state), ctypes.c_int64(n), ctypes.c_int64(k), r,
+                            _p(guarded(a)), _p(guarded(b)), DTYPE_CODE[dtype], ctypes.c_float(0.5), _p(out),
+                            DTYPE_CODE[out_dtype])  # fmt: skip
+    _check(emu, rc)
+    assert_no_overrun(out)
+    ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
+    own = native.merge_4bit_ref(packed, state, a, b, 0.5, out_dtype, compute_dtype=out_dtype)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) <= 2 * _rel(own, ref) + FLOOR[out_dtype]
