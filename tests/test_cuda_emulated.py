@@ -13,12 +13,17 @@ What it cannot cover: the hardware (PTX loads, real occupancy, timing) — the `
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import math
 import mmap
 import os
+import select
 import shutil
+import signal
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,14 +135,53 @@ def _state(state, **kwargs) -> list:
             ctypes.c_float(nested.offset), _p(guarded(state.code)), ctypes.c_int(state.blocksize)]  # fmt: skip
 
 
-def _check(emu, rc: int) -> None:
-    assert rc == CUDA_SUCCESS, f"launch failed ({rc}): {emu.emu_last_error().decode()}"
+@dataclasses.dataclass
+class Launch:
+    """What an emulated launcher returned (its cudaError_t and message) and the grid it launched."""
+
+    rc: int
+    error: str
+    grid: int
+    block: int
+    cooperative: bool
+
+    def check(self) -> Launch:
+        assert self.rc == CUDA_SUCCESS, f"launch failed ({self.rc}): {self.error}"
+        return self
 
 
-def _last_launch(emu) -> dict:
-    out = (ctypes.c_int64 * 3)()
-    emu.emu_last_launch(out)
-    return {"grid": out[0], "block": out[1], "cooperative": bool(out[2])}
+def launch(emu, name: str, *args, timeout: float = 120.0) -> Launch:
+    """Calls `emu.<name>(*args)` in a forked child, so that a fault (an access past a guarded buffer) or a
+    hang fails this test instead of ending the run. The child makes no torch call; the buffers are shared
+    mappings, so the parent sees what the kernel wrote."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one ctypes call, its report down the pipe, and out
+        try:
+            os.close(read_end)
+            rc = getattr(emu, name)(*args)
+            record = (ctypes.c_int64 * 3)()
+            emu.emu_last_launch(record)
+            os.write(write_end, struct.pack("4q", rc, *record) + emu.emu_last_error())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    report, deadline = b"", time.monotonic() + timeout
+    with os.fdopen(read_end, "rb") as pipe:
+        while select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(pipe.fileno(), 1 << 16)
+            if not chunk:
+                break
+            report += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        why = "a timeout" if sig == "SIGKILL" else "a read or write past the end of a guarded buffer"
+        raise AssertionError(f"the emulated {name} died with {sig} ({why})")
+    rc, grid, block, cooperative = struct.unpack("4q", report[:32])
+    return Launch(rc, report[32:].decode(), grid, block, bool(cooperative))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,12 +193,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_emulator_shared_memory_is_per_block_and_shuffles_exchange_lanes(emu):
     blocks, threads = 5, 96
-    out = torch.full((blocks * threads,), -1, dtype=torch.int32)
-    _check(emu, emu.selftest_shared(_p(out), blocks, threads))
+    out = guarded(torch.full((blocks * threads,), -1, dtype=torch.int32))
+    launch(emu, "selftest_shared", _p(out), blocks, threads).check()
     assert torch.equal(out, torch.arange(blocks).repeat_interleave(threads).int())
     for lane_mask in (1, 5, 16, 31):
-        got = torch.full((blocks * threads,), float("nan"))
-        _check(emu, emu.selftest_shuffle(_p(got), blocks, threads, lane_mask))
+        got = poisoned((blocks * threads,), torch.float32)
+        launch(emu, "selftest_shuffle", _p(got), blocks, threads, lane_mask).check()
         assert torch.equal(got, (torch.arange(blocks * threads) ^ lane_mask).float()), lane_mask
 
 
@@ -162,18 +206,24 @@ def test_emulator_grid_sync_orders_every_blocks_writes(emu, device):
     device(3, 2)
     blocks, threads = 6, 64
     n = blocks * threads
-    flags, out = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
-    _check(emu, emu.selftest_grid_sync(_p(flags), _p(out), blocks, threads))
+    flags, out = guarded(torch.zeros(n, dtype=torch.int32)), guarded(torch.zeros(n, dtype=torch.int32))
+    launch(emu, "selftest_grid_sync", _p(flags), _p(out), blocks, threads).check()
     assert torch.equal(out, torch.full((n,), n * (n + 1) // 2, dtype=torch.int32))
     # more blocks than the device holds at once: refused, as cudaLaunchCooperativeKernel does
-    assert emu.selftest_grid_sync(_p(flags), _p(out), 7, threads) == 720
+    assert launch(emu, "selftest_grid_sync", _p(flags), _p(out), 7, threads).rc == 720
 
 
 def test_emulator_reports_a_shuffle_half_a_warp_never_reaches(emu):
-    out = torch.zeros(64)
-    assert emu.selftest_divergent_shuffle(_p(out)) == CUDA_ERROR_LAUNCH_FAILURE
-    message = emu.emu_last_error().decode()
-    assert "deadlock" in message and "__shfl_xor_sync" in message and "16 of 32 arrived" in message
+    result = launch(emu, "selftest_divergent_shuffle", _p(guarded(torch.zeros(64))))
+    assert result.rc == CUDA_ERROR_LAUNCH_FAILURE
+    assert "deadlock" in result.error and "__shfl_xor_sync" in result.error and "16 of 32 arrived" in result.error
+
+
+def test_emulator_turns_a_fault_into_a_test_failure(emu):
+    """A kernel that writes past its buffer hits the guard page: the forked launch reports it."""
+    out = guarded(torch.zeros(64), align=1)
+    with pytest.raises(AssertionError, match="SIGSEGV"):
+        launch(emu, "selftest_shuffle", _p(out), 1, 96, 1)  # 96 threads write 96 floats into 64
 
 
 # -- dequantisation: bit-identical ------------------------------------------------------------------------
@@ -194,9 +244,8 @@ def test_dequantize_bit_identical(emu, quant_type, double_quant, placement):
         for out_dtype in DTYPES:
             want = dequantize_4bit(packed, state, out_dtype, backend="torch").reshape(-1)
             out = poisoned((n,), out_dtype, **({"align": 2} if placement == "tight" else {}))
-            rc = emu.emu_dequantize_4bit(_p(guarded(packed, **kwargs)), *_state(state, **tight),
-                                         ctypes.c_int64(n), _p(out), DTYPE_CODE[out_dtype])  # fmt: skip
-            _check(emu, rc)
+            launch(emu, "emu_dequantize_4bit", _p(guarded(packed, **kwargs)), *_state(state, **tight),
+                   ctypes.c_int64(n), _p(out), DTYPE_CODE[out_dtype]).check()  # fmt: skip
             assert_no_overrun(out)
             assert torch.equal(out, want), (shape, bs, out_dtype)
 
@@ -213,7 +262,8 @@ GEMV_SHAPES = {
 
 
 def _gemv(emu, x, packed, state, bias=None, lora_a=None, lora_b=None, lora_u=None, scale=1.0, ldx=None):
-    """The emulated launcher on guarded copies. `x` may be a row-strided view (ldx = its row stride)."""
+    """y and the launch of the emulated launcher, on guarded copies of the inputs; with `ldx` the rows of
+    x are `ldx` elements apart."""
     m, k = x.shape
     n = state.shape[0]
     dtype = x.dtype
@@ -223,14 +273,13 @@ def _gemv(emu, x, packed, state, bias=None, lora_a=None, lora_b=None, lora_u=Non
     coop = lora_a is not None and lora_b is not None
     su = poisoned((m, r), torch.float32) if coop else None
     y_partial = poisoned((m, n), torch.float32) if coop else None
-    rc = emu.emu_gemv_4bit(
-        _p(xg), ctypes.c_int64(ldx or k), DTYPE_CODE[dtype], m, ctypes.c_int64(n), ctypes.c_int64(k),
-        _p(guarded(packed)), *_state(state), _p(guarded(bias)), _p(guarded(lora_a)), _p(guarded(lora_b)),
-        _p(guarded(lora_u)), r, ctypes.c_float(scale), _p(y), _p(su), _p(y_partial),
-    )  # fmt: skip
-    _check(emu, rc)
+    result = launch(
+        emu, "emu_gemv_4bit", _p(xg), ctypes.c_int64(ldx or k), DTYPE_CODE[dtype], m, ctypes.c_int64(n),
+        ctypes.c_int64(k), _p(guarded(packed)), *_state(state), _p(guarded(bias)), _p(guarded(lora_a)),
+        _p(guarded(lora_b)), _p(guarded(lora_u)), r, ctypes.c_float(scale), _p(y), _p(su), _p(y_partial),
+    ).check()  # fmt: skip
     assert_no_overrun(y, su, y_partial)
-    return y
+    return y, result
 
 
 def _gemv_inputs(shape, m, dtype, lora, r=5):
@@ -260,12 +309,11 @@ def _assert_close_to_float64(y, x, packed, state, bias, kwargs):
 @pytest.mark.parametrize("shape", list(GEMV_SHAPES))
 def test_gemv_matches_float64_reference(emu, shape, m, dtype, lora):
     x, packed, state, bias, kwargs = _gemv_inputs(shape, m, dtype, lora)
-    y = _gemv(emu, x, packed, state, bias, **kwargs)
+    y, result = _gemv(emu, x, packed, state, bias, **kwargs)
     _assert_close_to_float64(y, x, packed, state, bias, kwargs)
-    launch = _last_launch(emu)
-    assert launch["cooperative"] == (lora == "a") and launch["block"] == 128
+    assert result.cooperative == (lora == "a") and result.block == 128
     if lora == "a":  # the emulated device (2 SMs x 1 block) makes the grid-stride loop go round
-        assert launch["grid"] == 2
+        assert result.grid == 2
 
 
 @pytest.mark.parametrize("per_sm", [1, 3, 64], ids=id_formatter("blocks_per_sm"))
@@ -273,26 +321,27 @@ def test_gemv_single_launch_lora_any_grid_size(emu, device, per_sm):
     """The cooperative path gives the same result whether one block does every task or each has its own."""
     device(1, per_sm)
     x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 4, torch.float32, "a", r=16)
-    y = _gemv(emu, x, packed, state, bias, **kwargs)
+    y, result = _gemv(emu, x, packed, state, bias, **kwargs)
     _assert_close_to_float64(y, x, packed, state, bias, kwargs)
-    assert _last_launch(emu)["grid"] == min(per_sm, (77 + 16 + 3) // 4)
+    assert result.grid == min(per_sm, (77 + 16 + 3) // 4)
 
 
 @pytest.mark.parametrize("ldx_extra", [32, 3], ids=["aligned-rows", "unaligned-rows"])
 def test_gemv_row_strided_x(emu, ldx_extra):
     """x rows `ldx` elements apart (a view of a wider buffer): aligned rows keep the 16-byte path."""
     x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 5, torch.bfloat16, "a")
-    y = _gemv(emu, x, packed, state, bias, **kwargs, ldx=x.shape[1] + ldx_extra)
+    y, _ = _gemv(emu, x, packed, state, bias, **kwargs, ldx=x.shape[1] + ldx_extra)
     _assert_close_to_float64(y, x, packed, state, bias, kwargs)
 
 
 def test_gemv_rejects_more_than_16_rows(emu):
     x, packed, state, _, _ = _gemv_inputs("K256-N77", 17, torch.float32, None)
-    rc = emu.emu_gemv_4bit(
-        _p(x), ctypes.c_int64(256), 0, 17, ctypes.c_int64(77), ctypes.c_int64(256), _p(packed), *_state(state),
-        None, None, None, None, 0, ctypes.c_float(1.0), _p(torch.empty(17, 77)), None, None,
+    result = launch(
+        emu, "emu_gemv_4bit", _p(guarded(x)), ctypes.c_int64(256), 0, 17, ctypes.c_int64(77), ctypes.c_int64(256),
+        _p(guarded(packed)), *_state(state), None, None, None, None, 0, ctypes.c_float(1.0),
+        _p(poisoned((17, 77), torch.float32)), None, None,
     )  # fmt: skip
-    assert rc == 1  # cudaErrorInvalidValue; the binding raises its own message before this
+    assert result.rc == 1  # cudaErrorInvalidValue; the binding raises its own message before this
 
 
 # -- merge ----------------------------------------------------------------------------------------
@@ -305,10 +354,9 @@ def test_merge_matches_float64_reference(emu, dtype, out_dtype):
     packed, state = quantize_4bit(torch.randn(n, k) / k**0.5, "nf4", 64, True, backend="torch")
     a, b = torch.randn(r, k).to(dtype), torch.randn(n, r).to(dtype)
     out = poisoned((n, k), out_dtype)
-    rc = emu.emu_merge_4bit(_p(guarded(packed)), *_state(state), ctypes.c_int64(n), ctypes.c_int64(k), r,
-                            _p(guarded(a)), _p(guarded(b)), DTYPE_CODE[dtype], ctypes.c_float(0.5), _p(out),
-                            DTYPE_CODE[out_dtype])  # fmt: skip
-    _check(emu, rc)
+    launch(emu, "emu_merge_4bit", _p(guarded(packed)), *_state(state), ctypes.c_int64(n), ctypes.c_int64(k), r,
+           _p(guarded(a)), _p(guarded(b)), DTYPE_CODE[dtype], ctypes.c_float(0.5), _p(out),
+           DTYPE_CODE[out_dtype]).check()  # fmt: skip
     assert_no_overrun(out)
     ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, out_dtype, compute_dtype=out_dtype)
