@@ -256,6 +256,7 @@ def test_dequantize_bit_identical(emu, quant_type, double_quant, placement):
 GEMV_SHAPES = {
     "K256-N77": (256, 77, "nf4", 64, True),  # K % 32 == 0: the 16-byte streaming path
     "K1024-N45-bs4096": (1024, 45, "fp4", 4096, False),  # blocks span rows
+    "K4160-N24": (4160, 24, "nf4", 64, True),  # 130 chunks a row: 4 to 5 per lane, the prefetch goes round
     "K200-N45": (200, 45, "nf4", 128, True),  # K % 8 == 0 but not 32: element-wise W, 16-byte x and A
     "K129-N33": (129, 33, "fp4", 32, False),  # odd K: rows start mid-byte
 }
