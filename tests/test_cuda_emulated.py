@@ -23,6 +23,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CUDA_SUCCESS, CUDA_ERROR_LAUNCH_FAILURE = 0, 719
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="the CUDA emulator uses ucontext fibers, fork and mprotect (Linux)"
+)
 
 _SOURCES = [
     EMU / "emu.h", EMU / "emu.cpp", EMU / "kernels.cpp", EMU / "selftest.cpp", *sorted(EMU.glob("include/*.h")),
