@@ -549,6 +549,28 @@ def test_cuda_sources_compile_without_spills(cuda_resource_usage, arch):
         assert 0 < u["registers"] <= 255, f"{name} on {arch}: {u}"
 
 
+def test_decode_gemv_instruction_budget():
+    """The M = 1 streaming loop of the decode GEMV stays as lean as in
+    benchmarks/results/static-sm90-2026-11-24 (sm_90 SASS: 228 instructions per 16-byte chunk for
+    bf16/fp16 x, 198 for fp32, an issue-bound ceiling near 72 % / 83 % of H100 bandwidth): a guard
+    against work creeping into the hot loop."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the SASS budget is checked where it is")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
+    cuda_sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_sass)
+    loops = {(r["dtype"], r["M"]): r for r in cuda_sass.gemv_loops(cuda_sass.sass(nvcc))}
+    assert len(loops) == 15
+    budget = {"fp32": 210, "fp16": 240, "bf16": 240}
+    for dtype, limit in budget.items():
+        m1 = loops[(dtype, 1)]
+        assert m1["instructions"] <= limit, (dtype, m1)
+        assert m1["lds"] == 32 and m1["ffma"] <= 34, (dtype, m1)  # one table lookup and one FMA a weight
+
+
 @pytest.mark.slow
 def test_cuda_binding_compiles_against_torch_headers():
     """bindings_cuda.cpp only builds into a CUDA torch; here it is at least parsed and type-checked
