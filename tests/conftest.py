@@ -50,3 +50,14 @@ def id_formatter(name):
         return f"{name}={value}"
 
     return fmt
+
+
+# The numeric bound of the kernel tests: error ≤ 2x PyTorch's own error in that dtype plus this floor
+# (flash-attention's rule), errors relative to a float64 reference.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||, in float64 (a zero reference counts as norm 1e-30)."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, FLOOR, id_formatter, rel_error
 from torch import nn
 
 from fastlora.kernels.adapter import (
@@ -19,9 +19,6 @@ from fastlora.kernels.adapter_ref import ACTIVATIONS, activation_grad, adapter_r
 from fastlora.modules import FastAdapter
 from fastlora.ops.adapter import adapter_forward
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Relative floor per dtype on top of 2x PyTorch's own error in that dtype (flash-attention's rule).
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (M, d, r, form): M in {1, 3, 17, 257}; d never a multiple of the 32/64-wide tiles; r in {1, 8, 64} and
 # r = 100 (two r tiles: a grid dimension in the down kernel, two inner steps in the up kernel).
 SHAPES = [(1, 40, 8, "serial"), (3, 53, 1, "parallel"), (17, 83, 64, "serial"), (257, 45, 8, "parallel"),
@@ -41,13 +38,9 @@ def _leaves(m, d, r, parallel, scale_up=1.0):
     ]
 
 
-def _rel(got, ref):
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def _check(name, got, ref, torch_same_dtype, dtype):
     assert not torch.isnan(got).any(), f"{name}: NaN (an output left unwritten?)"
-    err, base = _rel(got, ref), _rel(torch_same_dtype, ref)
+    err, base = rel_error(got, ref), rel_error(torch_same_dtype, ref)
     assert err <= 2 * base + FLOOR[dtype], f"{name}: rel error {err:.2e} > 2 x torch's {base:.2e} + {FLOOR[dtype]}"
 
 

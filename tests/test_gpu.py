@@ -6,7 +6,7 @@ outputs; here the autotuned GPU configs (wgmma on Hopper) run instead of the int
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, FLOOR, id_formatter
 
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.kernels.quant4_ref import dequantize_4bit_ref, quantize_4bit_ref
@@ -14,8 +14,6 @@ from fastlora.ops import lora_linear
 from fastlora.quant import absmax_fp32, dequantize_4bit, quantize_4bit
 
 pytestmark = pytest.mark.gpu
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))

@@ -2,15 +2,12 @@
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora.kernels.lora_ref import dropout_keep_mask, lora_linear_ref
 from fastlora.ops import lora_linear
 from fastlora.quant import dequantize_4bit, quantize_4bit
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Relative floor per dtype on top of 2x PyTorch's own error in that dtype (flash-attention's rule).
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (M, K, N, r): M in {1, 2, 3, 17, 257}, r in {1, 8, 64, 256}; K, N not multiples of 16/64 where the 4-bit layout allows
 # (K=53: odd rows, blocks straddle rows -> general path; K=128/192: byte- and block-aligned path).
 SHAPES = [(1, 128, 96, 8), (3, 53, 37, 1), (17, 192, 83, 64), (257, 64, 45, 8), (2, 256, 272, 256)]
@@ -34,12 +31,8 @@ def _make(m, k, n, r, weight_kind, dtype):
     return x, stored, state, w_ref, bias, a, b
 
 
-def _rel(err_of, ref):
-    return ((err_of.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def _check(name, got, ref, torch_same_dtype, dtype):
-    err, base = _rel(got, ref), _rel(torch_same_dtype, ref)
+    err, base = rel_error(got, ref), rel_error(torch_same_dtype, ref)
     assert not torch.isnan(got).any(), f"{name}: NaN (an output left unwritten?)"
     assert err <= 2 * base + FLOOR[dtype], f"{name}: rel error {err:.2e} > 2 x torch's {base:.2e} + {FLOOR[dtype]}"
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import id_formatter, rel_error
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -125,10 +125,6 @@ def test_matches_peft_linear_fp32(backend, use_rslora, bias, monkeypatch):
     _check_frozen_base(fast)
 
 
-def _rel(t, ref):
-    return ((t.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("use_rslora", [False, True], ids=id_formatter("rslora"))
 @pytest.mark.parametrize("backend", BACKENDS, ids=id_formatter("backend"))
 def test_matches_peft_linear_bf16(backend, use_rslora, monkeypatch):
@@ -157,7 +153,7 @@ def test_matches_peft_linear_bf16(backend, use_rslora, monkeypatch):
 
     for name, a, b, e in zip(("y", "dx", "dA", "dB"), got, want, exact, strict=True):
         assert a.dtype == torch.bfloat16 and not torch.isnan(a).any(), name
-        err, base = _rel(a, e), _rel(b, e)
+        err, base = rel_error(a, e), rel_error(b, e)
         assert err <= 2 * base + BF16_FLOOR, f"{name}: rel error {err:.2e} > 2 x PEFT's {base:.2e} + {BF16_FLOOR}"
     _check_frozen_base(fast)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora import _alloc, _backend, native
 from fastlora.kernels.lora_ref import lora_linear_ref
@@ -30,8 +30,6 @@ from fastlora.quant.codes import get_bounds, get_dynamic_map
 from fastlora.quant.state import NestedState
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _compiler_available() -> bool:
@@ -48,10 +46,6 @@ def built():
             pytest.skip(f"no C++ compiler to build the native extension: {native.unavailable_reason()}")
         pytest.fail(f"the native extension did not build or load: {native.unavailable_reason()}")
     return module
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _hard_weight(rows: int, cols: int, dtype: torch.dtype, quant_type: str, blocksize: int) -> torch.Tensor:
@@ -249,7 +243,7 @@ def test_gemv_matches_float64_reference(m, dtype, case):
         u = x @ kwargs["lora_a"].T if u is None else u
         own = own + (u * kwargs["scale"]) @ kwargs["lora_b"].T
     assert not torch.isnan(y).any()
-    assert _rel(y, ref) <= 2 * _rel(own, ref) + FLOOR[dtype], (_rel(y, ref), _rel(own, ref))
+    assert rel_error(y, ref) <= 2 * rel_error(own, ref) + FLOOR[dtype], (rel_error(y, ref), rel_error(own, ref))
 
 
 def test_gemv_leading_dims_any_m_and_strides():
@@ -260,7 +254,7 @@ def test_gemv_leading_dims_any_m_and_strides():
     y = native.gemv_4bit(x, packed, state)
     assert y.shape == (2, 20, 50)
     ref = native.gemv_4bit_ref(x.reshape(-1, 64), packed, state, compute_dtype=torch.float64).view(2, 20, 50)
-    assert _rel(y, ref) <= FLOOR[torch.float32]
+    assert rel_error(y, ref) <= FLOOR[torch.float32]
     rows = torch.randn(6, 100)[:, :64]  # unit stride along K, row stride 100: used in place
     assert torch.equal(native.gemv_4bit(rows, packed, state), native.gemv_4bit(rows.contiguous(), packed, state))
 
@@ -275,7 +269,7 @@ def test_merge_matches_float64_reference(dtype, out_dtype):
     ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, out_dtype, compute_dtype=dtype)
     assert got.shape == (n, k) and got.dtype == out_dtype
-    assert _rel(got, ref) <= 2 * _rel(own, ref) + FLOOR[out_dtype]
+    assert rel_error(got, ref) <= 2 * rel_error(own, ref) + FLOOR[out_dtype]
 
 
 def test_lora_linear_decode_uses_the_native_gemv(monkeypatch):
@@ -296,9 +290,9 @@ def test_lora_linear_decode_uses_the_native_gemv(monkeypatch):
     ref = [t.double().requires_grad_() for t in leaves]
     y_ref = lora_linear_ref(ref[0], w_ref, ref[1], ref[2], ref[3], 2.0)
     y_ref.backward(g.double())
-    assert _rel(y, y_ref) <= FLOOR[torch.float32]
+    assert rel_error(y, y_ref) <= FLOOR[torch.float32]
     for name, a, b in zip(("dx", "db", "dA", "dB"), got, ref, strict=True):
-        assert _rel(a.grad, b.grad) <= FLOOR[torch.float32], name
+        assert rel_error(a.grad, b.grad) <= FLOOR[torch.float32], name
     # With dropout the native path gets the dropped u: equal to the torch backend's forward.
     calls.clear()
     y_native = lora_linear(
@@ -308,7 +302,7 @@ def test_lora_linear_decode_uses_the_native_gemv(monkeypatch):
     y_torch = lora_linear(
         leaves[0], packed, leaves[1], leaves[2], leaves[3], 2.0, quant_state=state, dropout_p=0.3, seed=11
     )
-    assert len(calls) == 1 and _rel(y_native, y_torch) <= FLOOR[torch.float32]
+    assert len(calls) == 1 and rel_error(y_native, y_torch) <= FLOOR[torch.float32]
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -654,7 +648,7 @@ def test_cuda_gemv_matches_float64_reference(cuda_native, shape, m, dtype, lora)
     cuda_kwargs = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()}
     y = native.gemv_4bit(x.cuda(), packed.cuda(), state.to("cuda"), bias.cuda(), **cuda_kwargs).cpu()
     assert not torch.isnan(y).any()
-    assert _rel(y, ref) <= 2 * _rel(own, ref) + FLOOR[dtype]
+    assert rel_error(y, ref) <= 2 * rel_error(own, ref) + FLOOR[dtype]
 
 
 @pytest.mark.gpu
@@ -673,7 +667,7 @@ def test_cuda_merge_and_lora_linear_decode(cuda_native, dtype, monkeypatch):
     got = native.merge_4bit(packed, state, a, b, 0.5, dtype)
     ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, dtype, compute_dtype=dtype)
-    assert _rel(got, ref) <= 2 * _rel(own, ref) + FLOOR[dtype]
+    assert rel_error(got, ref) <= 2 * rel_error(own, ref) + FLOOR[dtype]
     # lora_linear at M = 4 with FASTLORA_BACKEND=cuda: the native GEMV, checked against float64
     monkeypatch.setenv("FASTLORA_BACKEND", "cuda")
     x, a = torch.randn(4, k, device="cuda").to(dtype), a / k**0.5
@@ -681,4 +675,4 @@ def test_cuda_merge_and_lora_linear_decode(cuda_native, dtype, monkeypatch):
     w_ref = dequantize_4bit(packed, state, torch.float32).double()
     y_ref = lora_linear_ref(x.double(), w_ref, None, a.double(), b.double(), 2.0)
     y_own = lora_linear_ref(x, w_ref.to(dtype), None, a, b, 2.0)
-    assert _rel(y, y_ref) <= 2 * _rel(y_own, y_ref) + FLOOR[dtype]
+    assert rel_error(y, y_ref) <= 2 * rel_error(y_own, y_ref) + FLOOR[dtype]

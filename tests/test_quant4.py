@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, id_formatter
 
 from fastlora.kernels.quant4_ref import dequantize_4bit_ref, quantize_4bit_ref
 from fastlora.quant import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_4bit, get_code, quantize_4bit
@@ -11,7 +11,6 @@ from fastlora.quant.codes import get_bounds, get_dynamic_map
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 # numel 1961 is odd and a multiple of no blocksize; (3, 4101) has full 4096-blocks plus a tail.
 SHAPES = [(37, 53), (3, 4101), (1, 1), (64, 64)]
