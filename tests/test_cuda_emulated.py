@@ -29,16 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import id_formatter
+from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora import native
 from fastlora.quant import dequantize_4bit, quantize_4bit
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CUDA_SUCCESS, CUDA_ERROR_LAUNCH_FAILURE = 0, 719
 
 pytestmark = pytest.mark.skipif(
@@ -185,12 +183,10 @@ def launch(emu, name: str, *args, timeout: float = 120.0) -> Launch:
         sig = signal.Signals(os.WTERMSIG(status)).name
         why = "a timeout" if sig == "SIGKILL" else "a read or write past the end of a guarded buffer"
         raise AssertionError(f"the emulated {name} died with {sig} ({why})")
+    if len(report) < 32:  # the call itself raised in the child (ctypes refused an argument)
+        raise AssertionError(f"the emulated {name} made no report: check its arguments")
     rc, grid, block, cooperative = struct.unpack("4q", report[:32])
     return Launch(rc, report[32:].decode(), grid, block, bool(cooperative))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # -- the emulator itself ---------------------------------------------------------------------------------
@@ -306,7 +302,7 @@ def _assert_close_to_float64(y, x, packed, state, bias, kwargs):
     ref = native.gemv_4bit_ref(x, packed, state, bias, compute_dtype=torch.float64, **kwargs).double()
     own = native.gemv_4bit_ref(x, packed, state, bias, compute_dtype=x.dtype, **kwargs)  # PyTorch's error
     assert not torch.isnan(y).any(), "an output was never written"
-    assert _rel(y, ref) <= 2 * _rel(own, ref) + FLOOR[x.dtype], (_rel(y, ref), _rel(own, ref))
+    assert rel_error(y, ref) <= 2 * rel_error(own, ref) + FLOOR[x.dtype], (rel_error(y, ref), rel_error(own, ref))
 
 
 @pytest.mark.parametrize("lora", [None, "a", "u"], ids=id_formatter("lora"))
@@ -367,4 +363,4 @@ def test_merge_matches_float64_reference(emu, dtype, out_dtype):
     ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, out_dtype, compute_dtype=out_dtype)
     assert not torch.isnan(out).any()
-    assert _rel(out, ref) <= 2 * _rel(own, ref) + FLOOR[out_dtype]
+    assert rel_error(out, ref) <= 2 * rel_error(own, ref) + FLOOR[out_dtype]
