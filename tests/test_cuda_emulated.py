@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import faulthandler
 import hashlib
 import math
 import mmap
@@ -162,6 +163,7 @@ def launch(emu, name: str, *args, timeout: float = 120.0) -> Launch:
     if pid == 0:  # the child: one ctypes call, its report down the pipe, and out
         try:
             os.close(read_end)
+            faulthandler.disable()  # an expected fault is reported by the parent, not dumped here
             rc = getattr(emu, name)(*args)
             record = (ctypes.c_int64 * 3)()
             emu.emu_last_launch(record)
