@@ -1,12 +1,15 @@
 """A static cost model of the CUDA decode GEMV (csrc/cuda/quant4_cuda.cu), from its sm_90 SASS.
 
-No GPU needed: nvcc compiles the kernels, triton's cuobjdump disassembles them, and for every
-(dtype, M) instantiation this finds the 16-byte streaming loop (the loop around the
-`LDG.E.NA.128` of the packed weight; one trip = one 16-byte chunk, 32 weights, per lane) and counts
-its instructions. A warp scheduler issues at most one instruction a cycle, so an SM issues at most
-4 warp-instructions (128 lane-instructions) a cycle; the HBM stream needs `bandwidth / (SMs x clock)`
-bytes a cycle per SM. Their ratio is the ceiling on the fraction of the bandwidth the kernel can use
-when it is issue-bound — an upper bound, not a measurement (latency, LDS and L1 limits come on top).
+No GPU needed: nvcc compiles the kernels, triton's cuobjdump disassembles them, and for every GEMV
+instantiation this finds the streaming loop (the innermost loop around the `LDG.E.NA.128` loads of
+the packed weight, each one 16-byte chunk = 32 weights of one lane) and counts its instructions per
+chunk. Two kernels: the tensor-core one (fp16/bf16 x: one instantiation for M <= 8, one for M <= 16)
+and the CUDA-core one (fp32 x: one per M rounded up to a power of two). A warp scheduler issues at
+most one instruction a cycle, so an SM issues at most 4 warp-instructions (128 lane-instructions) a
+cycle; the HBM stream needs `bandwidth / (SMs x clock)` bytes a cycle per SM. Their ratio is the
+ceiling on the fraction of the bandwidth the kernel can use when it is issue-bound — an upper bound,
+not a measurement (latency, LDS and L1 limits come on top). The count is static: both sides of a
+branch inside the loop count (the plain and the double-quantised absmax), so it errs high.
 
     python benchmarks/cuda_sass.py            # markdown table for H100 SXM (132 SMs, 1.98 GHz, 3.35 TB/s)
 """
@@ -49,15 +52,19 @@ def sass(nvcc: str, arch: str = "sm_90") -> str:
 
 
 def gemv_loops(sass_text: str) -> list[dict]:
-    """Per GEMV instantiation: dtype, M (the template's MT), instructions in the streaming loop, and of
-    them LDS, FFMA and global loads. Sorted by dtype then M."""
+    """Per GEMV instantiation: kernel ("tensor cores" / "CUDA cores"), dtype, M (the largest M it serves),
+    and per 16-byte chunk of the streaming loop: instructions, LDS, FP32 multiplies (FMUL + FFMA), HMMA
+    and global loads. Sorted by kernel, dtype, M."""
     rows = []
     for body in re.split(r"\n\s*Function : ", sass_text)[1:]:
-        name = re.search(r"gemv_4bit_kernelI(\w+?)Li(\d+)E", body.split("\n", 1)[0])
+        header = body.split("\n", 1)[0]
+        name = re.search(r"gemv_4bit_(mma_)?kernelI(\w+?)Li(\d+)E", header)
         if name is None:
             continue
         ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
         stream = [a for a, op in ins if "LDG.E.NA.128" in op]
+        if not stream:
+            continue  # a 16-bit CUDA-core instantiation: only its element-wise path is left
         loop = None  # the innermost backward branch around a streaming load
         for a, op in ins:
             target = re.search(r"BRA (0x[0-9a-f]+)", op)
@@ -67,15 +74,20 @@ def gemv_loops(sass_text: str) -> list[dict]:
                     loop = (lo, a)
         assert loop is not None, f"no streaming loop found in {name.group(0)}"
         ops = [op for a, op in ins if loop[0] <= a <= loop[1]]
+        chunks = sum("LDG.E.NA.128" in op for op in ops)
+        tensor = name.group(1) is not None
         rows.append({
-            "dtype": DTYPE_NAMES[name.group(1)], "M": int(name.group(2)), "instructions": len(ops),
-            "lds": sum("LDS" in op for op in ops), "ffma": sum("FFMA" in op for op in ops),
-            "ldg": sum("LDG" in op for op in ops),
+            "kernel": "tensor cores" if tensor else "CUDA cores", "dtype": DTYPE_NAMES[name.group(2)],
+            "M": 8 * int(name.group(3)) if tensor else int(name.group(3)),
+            "instructions": len(ops) / chunks, "lds": sum("LDS" in op for op in ops) / chunks,
+            "fmul": sum("FMUL" in op or "FFMA" in op for op in ops) / chunks,
+            "hmma": sum("HMMA" in op for op in ops) / chunks, "ldg": sum("LDG" in op for op in ops) / chunks,
         })  # fmt: skip
-    return sorted(rows, key=lambda r: (list(DTYPE_NAMES.values()).index(r["dtype"]), r["M"]))
+    order = list(DTYPE_NAMES.values())
+    return sorted(rows, key=lambda r: (r["kernel"] != "tensor cores", order.index(r["dtype"]), r["M"]))
 
 
-def issue_ceiling(instructions_per_chunk: int, *, sms: int, clock_ghz: float, bandwidth_tbs: float,
+def issue_ceiling(instructions_per_chunk: float, *, sms: int, clock_ghz: float, bandwidth_tbs: float,
                   bytes_per_weight: float) -> float:  # fmt: skip
     """Fraction of `bandwidth_tbs` an issue-bound loop can stream (capped at 1)."""
     weights_per_cycle = 4 * 32 * 32 / instructions_per_chunk  # per SM: 4 warp-instr/clk, 32 lanes x 32 weights
@@ -94,13 +106,16 @@ def main() -> None:
     bytes_per_weight = 0.5 + 1.0 / args.blocksize  # packed nibble + one 8-bit nested absmax per block
     print(f"sm_90 SASS of {SOURCE.relative_to(ROOT)}; ceiling for {args.sms} SMs at {args.clock_ghz} GHz, "
           f"{args.bandwidth_tbs} TB/s, {bytes_per_weight:.3f} B/weight\n")  # fmt: skip
-    print("| x dtype | M | instr / chunk | instr / weight | LDS | FFMA | LDG | issue-bound ceiling |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    columns = ["kernel", "x dtype", "M", "instr / chunk", "instr / weight", "LDS", "FMUL+FFMA", "HMMA", "LDG",
+               "issue-bound ceiling"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in gemv_loops(sass(args.nvcc)):
         ceiling = issue_ceiling(r["instructions"], sms=args.sms, clock_ghz=args.clock_ghz,
                                 bandwidth_tbs=args.bandwidth_tbs, bytes_per_weight=bytes_per_weight)  # fmt: skip
-        print(f"| {r['dtype']} | {r['M']} | {r['instructions']} | {r['instructions'] / 32:.2f} | {r['lds']} | "
-              f"{r['ffma']} | {r['ldg']} | {ceiling:.0%} |")  # fmt: skip
+        m = f"≤ {r['M']}" if r["kernel"] == "tensor cores" else str(r["M"])
+        print(f"| {r['kernel']} | {r['dtype']} | {m} | {r['instructions']:.1f} | {r['instructions'] / 32:.2f} | "
+              f"{r['lds']:g} | {r['fmul']:g} | {r['hmma']:g} | {r['ldg']:g} | {ceiling:.0%} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ def cuda_archs() -> list[str]:
     bad = [a for a in archs if not a.isdigit()]
     if bad:
         raise ValueError(f"fastlora: FASTLORA_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}")
+    old = [a for a in archs if int(a) < 80]
+    if old:
+        raise ValueError(
+            f"fastlora: FASTLORA_CUDA_ARCHS={raw!r} names {', '.join(old)}: the CUDA kernels need compute capability "
+            "8.0 or newer (bf16 and mma.sync m16n8k16)"
+        )
     return archs
 
 

@@ -2,12 +2,15 @@
 compiler against the emulator in tests/cuda_emu/ (threads as fibers, real __syncthreads / warp shuffle / grid
 barriers; see emu.h), called through ctypes on host memory.
 
-What this covers without a GPU: every launcher's choice of path (16-byte vs element-wise, plain vs
-cooperative), every index computation, tail and grid-stride loop, the shuffle reductions, the grid-wide sync
-of the single-launch LoRA path, and the results — bit for bit against the PyTorch reference for the
+What this covers without a GPU: every launcher's choice of path (tensor cores vs CUDA cores, 16-byte vs
+element-wise, plain vs cooperative), every index computation, tail and grid-stride loop, the shuffle
+reductions, the mma.sync fragment bookkeeping, the grid-wide sync of the single-launch LoRA path, and the
+results — bit for bit against the PyTorch reference for the
 dequantiser, within the float64-reference bound for the GEMV and the merge. Every buffer sits against an
 inaccessible page, so a read or write past its end faults; outputs and scratch start poisoned (NaN).
 What it cannot cover: the hardware (PTX loads, real occupancy, timing) — the `gpu` tests of test_native.py.
+The emulated mma.sync gathers operands by the fragment layout of PTX's ISA (checked here against a plain
+matrix product), so the kernels' use of that layout is tested, not the layout itself.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_SUCCESS, CUDA_ERROR_LAUNCH_FAILURE = 0, 719
+SCHEDULES = ["round_robin", "lowest_first", "highest_first"]  # cuda_emu::Schedule
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="the CUDA emulator uses ucontext fibers, fork and mprotect (Linux)"
@@ -67,16 +71,17 @@ def emu(tmp_path_factory):
     assert proc.returncode == 0, f"building the CUDA emulator failed:\n{proc.stderr[-4000:]}"
     lib = ctypes.CDLL(str(lib_path))
     lib.emu_last_error.restype = ctypes.c_char_p
-    lib.emu_configure(2, 1)
+    lib.emu_configure(2, 1, 0)
     yield lib
-    lib.emu_configure(2, 1)
+    lib.emu_configure(2, 1, 0)
 
 
 @pytest.fixture
 def device(emu):
-    """Sets the emulated device: `device(sms, blocks_per_sm)` (the occupancy answer for every kernel)."""
-    yield lambda sms, per_sm: emu.emu_configure(sms, per_sm)
-    emu.emu_configure(2, 1)
+    """Sets the emulated device: `device(sms, blocks_per_sm, schedule)` (the occupancy answer for every
+    kernel; the order parked threads resume in, see SCHEDULES)."""
+    yield lambda sms, per_sm, schedule="round_robin": emu.emu_configure(sms, per_sm, SCHEDULES.index(schedule))
+    emu.emu_configure(2, 1, 0)
 
 
 # -- guarded host buffers ----------------------------------------------------------------------------
@@ -205,6 +210,17 @@ def test_emulator_shared_memory_is_per_block_and_shuffles_exchange_lanes(emu):
         assert torch.equal(got, (torch.arange(blocks * threads) ^ lane_mask).float()), lane_mask
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+def test_emulator_mma_multiplies_by_the_ptx_fragment_layout(emu, dtype):
+    """mma_16816 (quant4.cuh) with each lane's fragments gathered by its documented layout: D = C + A B."""
+    a, b, c = torch.randn(16, 16).to(dtype), torch.randn(16, 8).to(dtype), torch.randn(16, 8)
+    d = guarded(c)
+    launch(emu, "selftest_mma", _p(guarded(a.view(torch.int16))), _p(guarded(b.view(torch.int16))), _p(d),
+           int(dtype == torch.bfloat16)).check()  # fmt: skip
+    ref = c.double() + a.double() @ b.double()
+    assert torch.allclose(d.double(), ref, rtol=2**-23, atol=1e-6), (d.double() - ref).abs().max()
+
+
 def test_emulator_grid_sync_orders_every_blocks_writes(emu, device):
     device(3, 2)
     blocks, threads = 6, 64
@@ -315,19 +331,47 @@ def test_gemv_matches_float64_reference(emu, shape, m, dtype, lora):
     x, packed, state, bias, kwargs = _gemv_inputs(shape, m, dtype, lora)
     y, result = _gemv(emu, x, packed, state, bias, **kwargs)
     _assert_close_to_float64(y, x, packed, state, bias, kwargs)
-    assert result.cooperative == (lora == "a") and result.block == 128
+    assert result.cooperative == (lora == "a") and result.block == (256 if _tensor_cores(x) else 128)
     if lora == "a":  # the emulated device (2 SMs x 1 block) makes the grid-stride loop go round
         assert result.grid == 2
 
 
+def _tensor_cores(x: torch.Tensor) -> bool:
+    """Whether the launcher takes the tensor-core kernel (256 threads a block) for this x."""
+    return x.dtype != torch.float32 and x.shape[1] % 32 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 16], ids=id_formatter("M"))
+@pytest.mark.parametrize("shape", ["K256-N77", "K1024-N45-bs4096", "K4160-N24"])
+def test_gemv_tensor_cores_round_only_the_output(emu, shape, m, dtype):
+    """The tensor-core kernel multiplies by exactly the dequantised weights in `dtype` (fp32 code x absmax,
+    rounded once) and sums in fp32: against that product in float64 its only error is the final rounding
+    of y (half an ulp) plus fp32 summation (far below it). A wrong absmax block, a nibble taken from the
+    wrong byte or a k paired with the wrong x shows up here even where the float64-reference bound would
+    hide it."""
+    x, packed, state, bias, _ = _gemv_inputs(shape, m, dtype, None)
+    y, result = _gemv(emu, x, packed, state, bias)
+    assert result.block == 256
+    w = dequantize_4bit(packed, state, dtype, backend="torch").double()
+    exact = x.double() @ w.T + bias.double()
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((y.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=id_formatter("dtype"))
 @pytest.mark.parametrize("per_sm", [1, 3, 64], ids=id_formatter("blocks_per_sm"))
-def test_gemv_single_launch_lora_any_grid_size(emu, device, per_sm):
-    """The cooperative path gives the same result whether one block does every task or each has its own."""
-    device(1, per_sm)
-    x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 4, torch.float32, "a", r=16)
+def test_gemv_single_launch_lora_any_grid_size(emu, device, per_sm, dtype, schedule):
+    """The cooperative path gives the same result whether one block does every task or each has its own,
+    and whichever warp runs ahead (a block that loops over tasks reuses its shared memory)."""
+    device(1, per_sm, schedule)
+    x, packed, state, bias, kwargs = _gemv_inputs("K256-N77", 4, dtype, "a", r=17)
     y, result = _gemv(emu, x, packed, state, bias, **kwargs)
     _assert_close_to_float64(y, x, packed, state, bias, kwargs)
-    assert result.grid == min(per_sm, (77 + 16 + 3) // 4)
+    # block tasks: CUDA cores, 4 rows of W or A each; tensor cores, 16 rows of W or 8 of A
+    tasks = (77 + 17 + 3) // 4 if dtype == torch.float32 else (77 + 15) // 16 + (17 + 7) // 8
+    assert result.cooperative and result.grid == min(per_sm, tasks)
 
 
 @pytest.mark.parametrize("ldx_extra", [32, 3], ids=["aligned-rows", "unaligned-rows"])

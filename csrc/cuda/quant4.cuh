@@ -12,6 +12,10 @@
 
 #include "../quant4_format.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fastlora's CUDA kernels need compute capability 8.0 or newer (bf16, mma.sync m16n8k16)"
+#endif
+
 namespace fastlora {
 namespace cuda {
 
@@ -104,6 +108,57 @@ __device__ __forceinline__ void decode8(uint32_t word, const float* lut, float (
     v[2 * b] = lut[(word >> (8 * b + 4)) & 0xFu];
     v[2 * b + 1] = lut[(word >> (8 * b)) & 0xFu];
   }
+}
+
+// Two fp32 values rounded (nearest-even) to T and packed into one 32-bit register, `lo` in the
+// low half: the layout of a __half2 / __nv_bfloat162 and of an mma.sync operand register.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  uint32_t out;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&out, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&out, &v, 4);
+  }
+  return out;
+#else
+  const T l = from_f32<T>(lo), h = from_f32<T>(hi);
+  uint16_t a, b;
+  memcpy(&a, &l, 2);
+  memcpy(&b, &h, 2);
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+#endif
+}
+
+// d += A·B on the tensor cores for one warp: mma.sync m16n8k16, T (fp16 or bf16) operands, fp32
+// accumulators. Every lane of the warp must call it. With g = lane / 4 and t = lane % 4, a lane
+// holds (each register two values, the first in the low half):
+//   a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]    a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+//   d[0], d[1] = D[g][2t, 2t+1]                         d[2], d[3] = D[g+8][2t, 2t+1]
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma operands are fp16 or bf16");
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif !defined(__CUDACC__)  // the CPU emulator of tests/cuda_emu (nvcc's host pass never calls it)
+  cuda_emu::mma_m16n8k16(std::is_same_v<T, __nv_bfloat16>, a, b, d);
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

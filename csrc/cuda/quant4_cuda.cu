@@ -2,18 +2,24 @@
 // LoRA term, and the LoRA merge. Only CUDA headers: `nvcc -arch=sm_90 -cubin quant4_cuda.cu`
 // compiles it without torch or a GPU (tests/test_native.py does, for sm_80 and sm_90).
 //
-// Decode GEMV, y = x Wᵀ + b (+ s·u Bᵀ), W (N, K) 4-bit:
-// - one warp per output row n; each lane streams 16-byte chunks of the row (32 values, one
-//   absmax since every blocksize is a multiple of 32) with L1-bypassing loads, prefetching its
-//   next chunk while it computes the current one, so the packed weight is read exactly once;
-// - codes come from a 16-entry shared-memory table (16 banks: conflict-free), the products are
-//   summed per chunk in code units and scaled by the chunk's absmax once (1 FMA a value a row);
-// - x (M rows, fp32/fp16/bf16) is re-read by every warp from L1; the M accumulators (MT, M
-//   rounded up to a power of two) live in registers and are reduced with warp shuffles;
+// Decode GEMV, y = x Wᵀ + b (+ s·u Bᵀ), W (N, K) 4-bit. Two kernels share the LoRA handling:
+// - fp16/bf16 x, K % 32 == 0 (the common case): the tensor-core kernel. A block owns 16 output
+//   rows (the M of mma.sync m16n8k16; the tokens of x are its N, 8 or 16), its warps split K.
+//   Each lane streams one 16-byte chunk (32 weights, one absmax) of rows g and g + 8 per step with
+//   L1-bypassing loads, prefetching the next step's, dequantises them into mma operand registers
+//   (fp32 code x absmax rounded to T: the reference's dequantised weight, bit for bit) and loads
+//   the matching 32 values of x. A dot product does not care in which order k is summed, so the
+//   k of the mma fragments is a permutation of the k in memory, the same for A and B: lane
+//   (g, t) feeds its own chunk, so no data moves between lanes. The decode costs about 4.5
+//   instructions a weight whatever M is; the warps' partial sums meet in shared memory.
+// - fp32 x, or shapes that break the 16-byte path: one warp per output row, CUDA cores. Each
+//   lane streams 16-byte chunks of the row (or element by element for K % 32 != 0 and unaligned
+//   views), codes from a 16-entry shared-memory table (16 banks: conflict-free), the products
+//   summed per chunk in code units and scaled once; M accumulators (MT, M rounded up to a power
+//   of two) in registers, reduced with warp shuffles.
 // - the LoRA term: with u given it is added in the epilogue; with A given the r rows of A are
 //   extra tasks of a cooperative grid (u = x Aᵀ into a scratch buffer while the W rows stream
 //   into y_partial), then one grid-wide sync and an epilogue pass: still a single launch.
-// Shapes that break the 16-byte path (K % 32 != 0, unaligned views) take a per-element path.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -26,8 +32,11 @@ namespace cuda {
 namespace {
 
 constexpr int kDequantThreads = 256;
-constexpr int kGemvWarps = 4;  // output rows per block of the GEMV
+constexpr int kGemvWarps = 4;  // output rows per block of the CUDA-core GEMV
 constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kMmaWarps = 8;  // warps splitting K in a block of the tensor-core GEMV
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaRows = 16;  // output rows a block task owns: the M of m16n8k16
 constexpr int kMergeThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
 
@@ -165,6 +174,60 @@ __device__ __forceinline__ void dense_row(const GemvParams& p, const T* __restri
   }
 }
 
+// bias[n] as fp32 (0 without a bias).
+template <typename T>
+__device__ __forceinline__ float bias_at(const GemvParams& p, int64_t n) {
+  return p.bias != nullptr ? to_f32(static_cast<const T*>(p.bias)[n]) : 0.0f;
+}
+
+// Row m, column n of the output from v = its sum over K + bias: either into y_partial (the
+// cooperative path adds the LoRA term after the grid sync) or + s·u Bᵀ and rounded into y.
+template <typename T>
+__device__ __forceinline__ void finish_output(const GemvParams& p, int m, int64_t n, float v, bool coop) {
+  if (coop) {
+    p.y_partial[m * p.N + n] = v;
+    return;
+  }
+  if (p.lora_b != nullptr) {
+    const T* __restrict__ lora_b = static_cast<const T*>(p.lora_b);
+    const T* __restrict__ lora_u = static_cast<const T*>(p.lora_u);
+    float l = 0.0f;
+    for (int j = 0; j < p.r; ++j) l = fmaf(to_f32(lora_u[m * p.r + j]), to_f32(lora_b[n * p.r + j]), l);
+    v = fmaf(p.scale, l, v);
+  }
+  static_cast<T*>(p.y)[m * p.N + n] = from_f32<T>(v);
+}
+
+// su[:, j] = scale · x A[j]ᵀ for one row j of A, by one warp.
+template <typename T, int MT>
+__device__ __forceinline__ void lora_a_row(const GemvParams& p, const T* __restrict__ x, int64_t j, bool vec,
+                                           int lane) {
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
+  dense_row<T, MT>(p, x, static_cast<const T*>(p.lora_a) + j * p.K, vec, lane, acc);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float s = warp_sum(acc[m]);
+    if (m < p.M && lane == m) p.su[m * p.r + j] = p.scale * s;
+  }
+}
+
+// The cooperative path after its grid-wide sync (every u and partial y written): y = y_partial + su Bᵀ.
+template <typename T>
+__device__ __forceinline__ void lora_epilogue(const GemvParams& p) {
+  const T* __restrict__ lora_b = static_cast<const T*>(p.lora_b);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int64_t total = p.M * p.N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / p.N, n = i - m * p.N;
+    float l = 0.0f;
+    for (int j = 0; j < p.r; ++j) l = fmaf(p.su[m * p.r + j], to_f32(lora_b[n * p.r + j]), l);
+    y[i] = from_f32<T>(p.y_partial[i] + l);
+  }
+}
+
 template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvThreads, 1)
     gemv_4bit_kernel(const GemvParams p, int log2_blocksize, bool w_vec, bool x_vec, bool a_vec, bool coop) {
@@ -172,63 +235,228 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   load_lut(p.code, lut);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ bias = static_cast<const T*>(p.bias);
-  const T* __restrict__ lora_b = static_cast<const T*>(p.lora_b);
-  const T* __restrict__ lora_u = static_cast<const T*>(p.lora_u);
-  T* __restrict__ y = static_cast<T*>(p.y);
   const int64_t lora_rows = coop ? p.r : 0;  // with A: tasks [0, r) are the rows of A
   const int64_t tasks = p.N + lora_rows;
 
   for (int64_t task = blockIdx.x * static_cast<int64_t>(kGemvWarps) + warp; task < tasks;
        task += static_cast<int64_t>(gridDim.x) * kGemvWarps) {  // warp-uniform
-    float acc[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
     if (task < lora_rows) {
-      dense_row<T, MT>(p, x, static_cast<const T*>(p.lora_a) + task * p.K, a_vec && x_vec, lane, acc);
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        const float s = warp_sum(acc[m]);
-        if (m < p.M && lane == m) p.su[m * p.r + task] = p.scale * s;
-      }
+      lora_a_row<T, MT>(p, x, task, a_vec && x_vec, lane);
       continue;
     }
     const int64_t n = task - lora_rows;
-    if (w_vec) {
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
+    if (std::is_same_v<T, float> && w_vec) {  // (16-bit x on the 16-byte path takes the tensor cores)
       weight_row_vec<T, MT>(p, x, n, lut, log2_blocksize, lane, acc);
     } else {
       weight_row_any<T, MT>(p, x, n, lut, log2_blocksize, lane, acc);
     }
-    const float b = bias != nullptr ? to_f32(bias[n]) : 0.0f;
+    const float b = bias_at<T>(p, n);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const float s = warp_sum(acc[m]);
-      if (m < p.M && lane == m) {  // lane m finishes row m of the output
-        float v = s + b;
-        if (coop) {
-          p.y_partial[m * p.N + n] = v;
-        } else {
-          if (lora_b != nullptr) {
-            float l = 0.0f;
-            for (int j = 0; j < p.r; ++j) l = fmaf(to_f32(lora_u[m * p.r + j]), to_f32(lora_b[n * p.r + j]), l);
-            v = fmaf(p.scale, l, v);
-          }
-          y[m * p.N + n] = from_f32<T>(v);
-        }
-      }
+      if (m < p.M && lane == m) finish_output<T>(p, m, n, s + b, coop);  // lane m finishes row m of the output
     }
   }
 
-  if (coop) {  // every u and partial y is written: add s·u Bᵀ
+  if (coop) {
     cooperative_groups::this_grid().sync();
-    const int64_t total = p.M * p.N;
-    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int64_t m = i / p.N, n = i - m * p.N;
-      float l = 0.0f;
-      for (int j = 0; j < p.r; ++j) l = fmaf(p.su[m * p.r + j], to_f32(lora_b[n * p.r + j]), l);
-      y[i] = from_f32<T>(p.y_partial[i] + l);
+    lora_epilogue<T>(p);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode GEMV on the tensor cores (fp16/bf16 x, K % 32 == 0, 16-byte aligned x rows and W).
+//
+// One step of a warp covers 128 k of the block's 16 rows: lane (g, t) = (lane / 4, lane % 4)
+// takes chunk c = 4·step + t (32 values) of rows n0 + g and n0 + g + 8 and of tokens g (and
+// g + 8 when NT = 2). Mma j (0..7) of the step takes values 4j .. 4j+3 of every lane's chunk:
+// bytes 2j and 2j + 1 of the packed rows, 32-bit words 2j and 2j + 1 of x. In the fragment layout
+// of mma_16816 that puts the same k opposite each other in A and B, so D is the exact product.
+// Rows past N read row N - 1 and tokens past M read token M - 1: their products land only in
+// output rows and columns that are never written. A chunk past K (in the last step when
+// K % 128 != 0) is not read: zero weights and zero x.
+
+// The 16 fp32 codes in shared memory (64-byte aligned), looked up by a nibble of a packed word.
+struct CodeTable {
+  const float* lut;
+  uint32_t base;  // the table's shared-space address: the byte offset of a code is `offset | base`
+
+  __device__ __forceinline__ float operator()(uint32_t word, int shift) const {  // the nibble at bit `shift`
+#if defined(__CUDA_ARCH__)
+    const uint32_t offset = shift >= 2 ? (word >> (shift - 2)) & 0x3Cu : (word << (2 - shift)) & 0x3Cu;
+    float v;
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(offset | base));  // a shift, a LOP3, an LDS
+    return v;
+#else
+    return lut[(word >> shift) & 0xFu];
+#endif
+  }
+};
+
+template <int NT>
+struct MmaStep {  // what one lane reads for one step
+  uint32_t w[2][4];    // rows g, g + 8: the 16 bytes of chunk c
+  float scale[2];      // their absmax (0 past K: zero weights)
+  uint32_t x[NT][16];  // tokens g (+ 8): 32 values of chunk c, two a word
+};
+
+template <typename T, int NT>
+struct MmaCursor {  // a lane's addresses at its chunk of the warp's next step
+  const uint8_t* w[2];  // rows n0 + g, n0 + g + 8 (clamped to N - 1)
+  int64_t e[2];         // flat index of the chunk's first weight: its absmax block is e >> log2_blocksize
+  const T* x[NT];  // tokens g, g + 8 (clamped to M - 1)
+
+  __device__ __forceinline__ void advance() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w[h] += 64 * kMmaWarps, e[h] += 128 * kMmaWarps;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) x[nt] += 128 * kMmaWarps;
+  }
+};
+
+// Loads the step at the cursor. kTail: the step may end past K (`chunk_ok` says whether this
+// lane's chunk exists); otherwise every chunk exists.
+template <bool kTail, typename T, int NT>
+__device__ __forceinline__ void load_mma_step(const GemvParams& p, const MmaCursor<T, NT>& cur, int log2_blocksize,
+                                              bool chunk_ok, MmaStep<NT>& s) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint4 q = make_uint4(0, 0, 0, 0);
+    float a = 0.0f;
+    if (!kTail || chunk_ok) {
+      q = load_stream16(cur.w[h]);
+      a = p.absmax(cur.e[h] >> log2_blocksize);
     }
+    s.w[h][0] = q.x, s.w[h][1] = q.y, s.w[h][2] = q.z, s.w[h][3] = q.w;
+    s.scale[h] = a;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (!kTail || chunk_ok) v = __ldg(reinterpret_cast<const uint4*>(cur.x[nt]) + i);
+      s.x[nt][4 * i] = v.x, s.x[nt][4 * i + 1] = v.y, s.x[nt][4 * i + 2] = v.z, s.x[nt][4 * i + 3] = v.w;
+    }
+  }
+}
+
+// The two weights of byte `b` of a packed word (the even element in its high nibble) as an
+// operand register: fp32 code x absmax, rounded to T (the reference's dequantised weights).
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int b, const CodeTable& codes, float scale) {
+  return pack2<T>(__fmul_rn(codes(word, 8 * b + 4), scale), __fmul_rn(codes(word, 8 * b), scale));
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void mma_step(const MmaStep<NT>& s, const CodeTable& codes, float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int word = j >> 1, b = 2 * (j & 1);  // bytes 2j and 2j + 1 of the chunk
+    const uint32_t a[4] = {
+        dequant_pair<T>(s.w[0][word], b, codes, s.scale[0]),      // row g, values 4j, 4j+1
+        dequant_pair<T>(s.w[1][word], b, codes, s.scale[1]),      // row g + 8
+        dequant_pair<T>(s.w[0][word], b + 1, codes, s.scale[0]),  // row g, values 4j+2, 4j+3
+        dequant_pair<T>(s.w[1][word], b + 1, codes, s.scale[1]),  // row g + 8
+    };
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t bx[2] = {s.x[nt][2 * j], s.x[nt][2 * j + 1]};  // values 4j, 4j+1 | 4j+2, 4j+3
+      mma_16816<T>(acc[nt], a, bx);
+    }
+  }
+}
+
+// Σ_k over this warp's steps of the block's 16 rows, as D fragments (acc[nt]: tokens 8nt .. 8nt+7).
+template <typename T, int NT>
+__device__ __forceinline__ void mma_rows(const GemvParams& p, const T* __restrict__ x, int64_t n0, int warp, int g,
+                                         int t, const CodeTable& codes, int log2_blocksize, float (&acc)[NT][4]) {
+  const int64_t chunks = p.K / 32, full = chunks / 4;  // steps [0, full) have all four chunks
+  const int64_t c0 = 4 * static_cast<int64_t>(warp) + t;
+  MmaCursor<T, NT> cur;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = n0 + g + 8 * h;
+    const int64_t r = row < p.N ? row : p.N - 1;
+    cur.w[h] = p.packed + r * (p.K / 2) + c0 * 16;
+    cur.e[h] = r * p.K + c0 * 32;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = g + 8 * nt < p.M ? g + 8 * nt : p.M - 1;
+    cur.x[nt] = x + m * p.ldx + c0 * 32;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+
+  // Two step buffers, so the next step's loads are in flight during this one's math without copies.
+  MmaStep<NT> s0, s1;
+  int64_t step = warp;  // warp-uniform, as every branch below
+  if (step < full) load_mma_step<false>(p, cur, log2_blocksize, true, s0), cur.advance();
+  while (step < full) {
+    if (step + kMmaWarps < full) load_mma_step<false>(p, cur, log2_blocksize, true, s1), cur.advance();
+    mma_step<T, NT>(s0, codes, acc);
+    if ((step += kMmaWarps) >= full) break;
+    if (step + kMmaWarps < full) load_mma_step<false>(p, cur, log2_blocksize, true, s0), cur.advance();
+    mma_step<T, NT>(s1, codes, acc);
+    step += kMmaWarps;
+  }
+  if (step == full && chunks % 4 != 0) {  // the cursor is at step `full`: the last, partial one
+    load_mma_step<true>(p, cur, log2_blocksize, 4 * full + t < chunks, s0);
+    mma_step<T, NT>(s0, codes, acc);
+  }
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    gemv_4bit_mma_kernel(const GemvParams p, int log2_blocksize, bool a_vec, bool coop) {
+  static_assert(kMmaThreads == kMmaRows * 16, "the reduction gives each thread one (token, row) of the output");
+  __shared__ __align__(64) float lut[16];
+  __shared__ float partial[kMmaWarps][16][kMmaRows];  // [warp][token][row]
+  load_lut(p.code, lut);
+#if defined(__CUDA_ARCH__)
+  const CodeTable codes{lut, static_cast<uint32_t>(__cvta_generic_to_shared(lut))};
+#else
+  const CodeTable codes{lut, 0};
+#endif
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  // With A: tasks [0, lora_tasks) are the rows of A, one a warp; the rest are 16-row tiles of W.
+  const int64_t lora_tasks = coop ? (p.r + kMmaWarps - 1) / kMmaWarps : 0;
+  const int64_t tasks = lora_tasks + (p.N + kMmaRows - 1) / kMmaRows;
+
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {  // block-uniform
+    if (task < lora_tasks) {
+      const int64_t j = task * kMmaWarps + warp;
+      if (j < p.r) lora_a_row<T, 8 * NT>(p, x, j, a_vec, lane);
+      continue;
+    }
+    const int64_t n0 = (task - lora_tasks) * kMmaRows;
+    float acc[NT][4];
+    mma_rows<T, NT>(p, x, n0, warp, g, t, codes, log2_blocksize, acc);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int m = 8 * nt + 2 * t;
+      partial[warp][m][g] = acc[nt][0], partial[warp][m + 1][g] = acc[nt][1];
+      partial[warp][m][g + 8] = acc[nt][2], partial[warp][m + 1][g + 8] = acc[nt][3];
+    }
+    __syncthreads();
+    const int row = threadIdx.x % kMmaRows, m = threadIdx.x / kMmaRows;
+    if (m < p.M && n0 + row < p.N) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][m][row];  // a fixed order: deterministic
+      finish_output<T>(p, m, n0 + row, sum + bias_at<T>(p, n0 + row), coop);
+    }
+    __syncthreads();  // `partial` is free for the next task
+  }
+
+  if (coop) {
+    cooperative_groups::this_grid().sync();
+    lora_epilogue<T>(p);
   }
 }
 
@@ -283,24 +511,19 @@ unsigned grid_for(int64_t items, int threads) {
 
 int element_size(DType d) { return d == DType::f32 ? 4 : 2; }
 
-template <typename T, int MT>
-cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream, bool w_vec, bool x_vec, bool a_vec, bool coop) {
-  auto kernel = gemv_4bit_kernel<T, MT>;
-  const int log2_bs = log2_int(p.blocksize);
-  if (!coop) {
-    return launch_kernel(kernel, dim3(grid_for(p.N, kGemvWarps)), dim3(kGemvThreads), stream, p, log2_bs, w_vec,
-                         x_vec, a_vec, coop);
-  }
-  // Cooperative: every block must be resident at once for the grid-wide sync.
+// A GEMV kernel on enough blocks for `blocks` block tasks; cooperative: on no more blocks than are
+// resident at once (the grid-stride loops cover the rest), as the grid-wide sync needs.
+template <typename... Params, typename... Args>
+cudaError_t launch_gemv(void (*kernel)(Params...), int64_t blocks, int threads, bool coop, cudaStream_t stream,
+                        Args... args) {
+  if (!coop) return launch_kernel(kernel, dim3(grid_for(blocks, 1)), dim3(threads), stream, args...);
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, 0);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
   if (err != cudaSuccess) return err;
-  const int64_t wanted = (p.N + p.r + kGemvWarps - 1) / kGemvWarps;
-  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(per_sm) * sms)));
-  return launch_cooperative_kernel(kernel, dim3(grid), dim3(kGemvThreads), stream, p, log2_bs, w_vec, x_vec, a_vec,
-                                   coop);
+  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(per_sm) * sms)));
+  return launch_cooperative_kernel(kernel, dim3(grid), dim3(threads), stream, args...);
 }
 
 }  // namespace
@@ -328,20 +551,25 @@ cudaError_t gemv_4bit(const GemvParams& p, cudaStream_t stream) {
   const bool w_vec = x_vec && p.K % 32 == 0 && aligned(p.packed, 16);
   const bool a_vec = p.lora_a != nullptr && aligned(p.lora_a, 16);
   const bool coop = p.lora_b != nullptr && p.lora_a != nullptr;
+  const int log2_bs = log2_int(p.blocksize);
   cudaError_t err = cudaSuccess;
   dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.M == 1) {
-      err = launch_gemv<T, 1>(p, stream, w_vec, x_vec, a_vec, coop);
-    } else if (p.M == 2) {
-      err = launch_gemv<T, 2>(p, stream, w_vec, x_vec, a_vec, coop);
-    } else if (p.M <= 4) {
-      err = launch_gemv<T, 4>(p, stream, w_vec, x_vec, a_vec, coop);
-    } else if (p.M <= 8) {
-      err = launch_gemv<T, 8>(p, stream, w_vec, x_vec, a_vec, coop);
-    } else {
-      err = launch_gemv<T, 16>(p, stream, w_vec, x_vec, a_vec, coop);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (w_vec) {  // the tensor cores
+        const int64_t blocks = (coop ? (p.r + kMmaWarps - 1) / kMmaWarps : 0) + (p.N + kMmaRows - 1) / kMmaRows;
+        auto kernel = p.M <= 8 ? gemv_4bit_mma_kernel<T, 1> : gemv_4bit_mma_kernel<T, 2>;
+        err = launch_gemv(kernel, blocks, kMmaThreads, coop, stream, p, log2_bs, a_vec, coop);
+        return;
+      }
     }
+    const int64_t blocks = (p.N + (coop ? p.r : 0) + kGemvWarps - 1) / kGemvWarps;
+    auto kernel = p.M == 1   ? gemv_4bit_kernel<T, 1>
+                  : p.M == 2 ? gemv_4bit_kernel<T, 2>
+                  : p.M <= 4 ? gemv_4bit_kernel<T, 4>
+                  : p.M <= 8 ? gemv_4bit_kernel<T, 8>
+                             : gemv_4bit_kernel<T, 16>;
+    err = launch_gemv(kernel, blocks, kGemvThreads, coop, stream, p, log2_bs, w_vec, x_vec, a_vec, coop);
   });
   return err;
 }

@@ -60,6 +60,13 @@ struct GridBarrier {
   }
 };
 
+// The operands of one mma.sync of a warp, lane by lane; the result replaces `c`.
+struct MmaSlot {
+  uint32_t a[kWarp][4], b[kWarp][2];
+  float c[kWarp][4];
+  bool bf16[kWarp];
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -76,6 +83,8 @@ struct Block {
   Barrier threads, grid_arrivals;
   std::vector<Barrier> warps;
   std::vector<std::array<std::array<float, kWarp>, 2>> shuffle_slots;  // double-buffered by generation
+  std::vector<std::array<MmaSlot, 2>> mma_slots;                        // the same for mma.sync
+  std::vector<std::array<const char*, 2>> warp_ops;                     // which collective each generation is
   ucontext_t scheduler;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
@@ -127,8 +136,10 @@ std::string run_block(Block& blk) {
   if (blk.fibers.size() != static_cast<size_t>(n)) blk.fibers = std::vector<Fiber>(n);
   blk.threads = {n, 0, 0, "__syncthreads"};
   blk.grid_arrivals = {n, 0, 0, "grid.sync()"};
-  blk.warps.assign(n / kWarp, Barrier{kWarp, 0, 0, "__shfl_xor_sync"});
+  blk.warps.assign(n / kWarp, Barrier{kWarp, 0, 0, "a warp collective"});
   blk.shuffle_slots.assign(n / kWarp, {});
+  blk.mma_slots.assign(n / kWarp, {});
+  blk.warp_ops.assign(n / kWarp, {});
   t_block = &blk;
   for (int i = 0; i < n; ++i) {
     Fiber& f = blk.fibers[i];
@@ -145,9 +156,11 @@ std::string run_block(Block& blk) {
   }
   int live = n;
   std::string error;
+  const Schedule schedule = g_device.schedule;
   while (live > 0) {
     bool ran = false;
-    for (Fiber& f : blk.fibers) {
+    for (int k = 0; k < n; ++k) {
+      Fiber& f = blk.fibers[schedule == Schedule::highest_first ? n - 1 - k : k];
       if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_generation)) continue;
       f.waiting = nullptr;
       blk.current = &f;
@@ -158,6 +171,7 @@ std::string run_block(Block& blk) {
         leave(blk.threads);
         leave(blk.grid_arrivals);
       }
+      if (schedule != Schedule::round_robin) break;  // eager: rescan from the first thread in order
     }
     if (!ran) {  // every live fiber waits for one that will never arrive
       const Fiber* w = nullptr;
@@ -188,6 +202,19 @@ const dim3& grid_dim() { return block().grid; }
 
 void sync_threads() { arrive(block().threads); }
 
+// Every lane of a warp must reach the same collective: a lane at a different one is a kernel bug
+// (on a GPU, undefined behaviour).
+void check_warp_op(Barrier& b, int warp, const char* op) {
+  const char*& first = block().warp_ops[warp][b.generation & 1];
+  if (b.arrived == 0) {
+    first = op;
+    b.what = op;  // what a deadlock report names
+  } else if (first != op) {
+    fprintf(stderr, "cuda_emu: lanes of warp %d meet at different collectives (%s and %s)\n", warp, first, op);
+    abort();
+  }
+}
+
 float shfl_xor(unsigned mask, float value, int lane_mask, int width) {
   Block& blk = block();
   const int lane = blk.current->linear % kWarp, warp = blk.current->linear / kWarp;
@@ -196,10 +223,55 @@ float shfl_xor(unsigned mask, float value, int lane_mask, int width) {
     abort();
   }
   Barrier& b = blk.warps[warp];
+  check_warp_op(b, warp, "__shfl_xor_sync");
   auto& slot = blk.shuffle_slots[warp][b.generation & 1];
   slot[lane] = value;
   arrive(b);
   return slot[lane ^ lane_mask];
+}
+
+// One operand value: half `h` of a 32-bit register holding two fp16 or bf16 values.
+double mma_value(uint32_t reg, int h, bool bf16) {
+  const uint16_t bits = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xFFFFu);
+  return bf16 ? fastlora::bf16_to_f32(bits) : fastlora::f16_to_f32(bits);
+}
+
+void mma_m16n8k16(bool bf16, const uint32_t (&a)[4], const uint32_t (&b)[2], float (&d)[4]) {
+  Block& blk = block();
+  const int lane = blk.current->linear % kWarp, warp = blk.current->linear / kWarp;
+  Barrier& bar = blk.warps[warp];
+  check_warp_op(bar, warp, "mma.sync");
+  MmaSlot& s = blk.mma_slots[warp][bar.generation & 1];
+  std::copy(a, a + 4, s.a[lane]);
+  std::copy(b, b + 2, s.b[lane]);
+  std::copy(d, d + 4, s.c[lane]);
+  s.bf16[lane] = bf16;
+  arrive(bar, [&s, warp] {
+    // PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type": lane = 4 * group + tig;
+    // value i (register i / 2, low half first) of A is A[group + 8 * (i / 2 % 2)][2 * tig + i % 2 + 8 * (i / 4)],
+    // of B is B[2 * tig + i % 2 + 8 * (i / 2)][group]; of C and D, C[group + 8 * (i / 2)][2 * tig + i % 2].
+    double A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < kWarp; ++l) {
+      if (s.bf16[l] != s.bf16[0]) {
+        fprintf(stderr, "cuda_emu: lanes of warp %d disagree on the mma's operand type\n", warp);
+        abort();
+      }
+      const int group = l / 4, tig = l % 4;
+      for (int i = 0; i < 8; ++i) A[group + 8 * (i / 2 % 2)][2 * tig + i % 2 + 8 * (i / 4)] = mma_value(s.a[l][i / 2], i % 2, s.bf16[l]);
+      for (int i = 0; i < 4; ++i) B[2 * tig + i % 2 + 8 * (i / 2)][group] = mma_value(s.b[l][i / 2], i % 2, s.bf16[l]);
+      for (int i = 0; i < 4; ++i) C[group + 8 * (i / 2)][2 * tig + i % 2] = s.c[l][i];
+    }
+    for (int l = 0; l < kWarp; ++l) {
+      const int group = l / 4, tig = l % 4;
+      for (int i = 0; i < 4; ++i) {
+        const int row = group + 8 * (i / 2), col = 2 * tig + i % 2;
+        double sum = C[row][col];  // fp16/bf16 products are exact in double; one rounding at the end
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+        s.c[l][i] = static_cast<float>(sum);
+      }
+    }
+  });
+  std::copy(s.c[lane], s.c[lane] + 4, d);
 }
 
 void sync_grid() {

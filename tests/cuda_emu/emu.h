@@ -10,7 +10,8 @@
 // warp never reach, __syncthreads in divergent code) fails the launch with a description.
 //
 // Emulated: threadIdx / blockIdx / blockDim / gridDim; __shared__ (one copy per block);
-// __syncthreads; __shfl_xor_sync on full warps; grid sync; __ldg; __half / __nv_bfloat16 with
+// __syncthreads; __shfl_xor_sync on full warps; mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulators,
+// the fragment layout of PTX's ISA); grid sync; __ldg; __half / __nv_bfloat16 with
 // round-to-nearest-even conversions; __fmul_rn / __fadd_rn; the occupancy and device queries of a
 // configurable device (`cuda_emu::configure`); cudaLaunchCooperativeKernel's size limit.
 // Not emulated: memory spaces (host memory stands for all of them), timing, inline PTX (kernels
@@ -29,6 +30,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __shared__ static thread_local  // blocks run on distinct OS threads (see above)
 
@@ -64,9 +66,16 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 
 namespace cuda_emu {
 
+// The order in which a block's parked threads resume. Round robin interleaves warps evenly; the
+// eager orders let the lowest (or highest) warp run as far ahead as the barriers allow, so a
+// missing __syncthreads between one task's reads of shared memory and the next task's writes
+// turns into a wrong result.
+enum class Schedule : int { round_robin = 0, lowest_first = 1, highest_first = 2 };
+
 struct Device {
   int sms = 2;            // multiprocessors
   int blocks_per_sm = 1;  // what the occupancy query answers, for any kernel
+  Schedule schedule = Schedule::round_robin;
 };
 void configure(const Device& device);
 const Device& device();
@@ -88,6 +97,10 @@ const dim3& block_dim();
 const dim3& grid_dim();
 void sync_threads();
 float shfl_xor(unsigned mask, float value, int lane_mask, int width);
+// d += A·B for the calling warp (every lane calls it, as mma.sync.aligned): the operand
+// registers of each lane are gathered into A (16x16), B (16x8) by the layout of PTX's
+// mma.m16n8k16 for .f16/.bf16, the products summed exactly and rounded once to fp32.
+void mma_m16n8k16(bool bf16, const uint32_t (&a)[4], const uint32_t (&b)[2], float (&d)[4]);
 void sync_grid();
 
 }  // namespace cuda_emu

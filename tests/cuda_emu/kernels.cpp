@@ -10,7 +10,10 @@ using fastlora::DType;
 
 extern "C" {
 
-void emu_configure(int sms, int blocks_per_sm) { cuda_emu::configure({sms, blocks_per_sm}); }
+// schedule: 0 round robin, 1 lowest thread first, 2 highest first (cuda_emu::Schedule).
+void emu_configure(int sms, int blocks_per_sm, int schedule) {
+  cuda_emu::configure({sms, blocks_per_sm, static_cast<cuda_emu::Schedule>(schedule)});
+}
 
 const char* emu_last_error() { return cuda_emu::last_error_message(); }
 
