@@ -188,6 +188,33 @@ std::string run_block(Block& blk) {
   return error;
 }
 
+// The calling lane's seat at a warp collective. Every lane of a warp must reach the same one: a
+// lane at a different collective is a kernel bug (on a GPU, undefined behaviour) and aborts.
+struct WarpSeat {
+  int lane, warp;
+  Barrier& barrier;
+};
+WarpSeat join_warp(const char* op) {
+  Block& blk = block();
+  const int lane = blk.current->linear % kWarp, warp = blk.current->linear / kWarp;
+  Barrier& b = blk.warps[warp];
+  const char*& first = blk.warp_ops[warp][b.generation & 1];
+  if (b.arrived == 0) {
+    first = op;
+    b.what = op;  // what a deadlock report names
+  } else if (first != op) {
+    fprintf(stderr, "cuda_emu: lanes of warp %d meet at different collectives (%s and %s)\n", warp, first, op);
+    abort();
+  }
+  return {lane, warp, b};
+}
+
+// One operand value: half `h` of a 32-bit register holding two fp16 or bf16 values.
+double mma_value(uint32_t reg, int h, bool bf16) {
+  const uint16_t bits = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xFFFFu);
+  return bf16 ? fastlora::bf16_to_f32(bits) : fastlora::f16_to_f32(bits);
+}
+
 }  // namespace
 
 void configure(const Device& d) { g_device = d; }
@@ -202,51 +229,27 @@ const dim3& grid_dim() { return block().grid; }
 
 void sync_threads() { arrive(block().threads); }
 
-// Every lane of a warp must reach the same collective: a lane at a different one is a kernel bug
-// (on a GPU, undefined behaviour).
-void check_warp_op(Barrier& b, int warp, const char* op) {
-  const char*& first = block().warp_ops[warp][b.generation & 1];
-  if (b.arrived == 0) {
-    first = op;
-    b.what = op;  // what a deadlock report names
-  } else if (first != op) {
-    fprintf(stderr, "cuda_emu: lanes of warp %d meet at different collectives (%s and %s)\n", warp, first, op);
-    abort();
-  }
-}
-
 float shfl_xor(unsigned mask, float value, int lane_mask, int width) {
-  Block& blk = block();
-  const int lane = blk.current->linear % kWarp, warp = blk.current->linear / kWarp;
   if (mask != 0xFFFFFFFFu || width != kWarp || lane_mask < 0 || lane_mask >= kWarp) {
     fprintf(stderr, "cuda_emu: only full-warp __shfl_xor_sync is emulated (mask %x, width %d)\n", mask, width);
     abort();
   }
-  Barrier& b = blk.warps[warp];
-  check_warp_op(b, warp, "__shfl_xor_sync");
-  auto& slot = blk.shuffle_slots[warp][b.generation & 1];
-  slot[lane] = value;
-  arrive(b);
-  return slot[lane ^ lane_mask];
-}
-
-// One operand value: half `h` of a 32-bit register holding two fp16 or bf16 values.
-double mma_value(uint32_t reg, int h, bool bf16) {
-  const uint16_t bits = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xFFFFu);
-  return bf16 ? fastlora::bf16_to_f32(bits) : fastlora::f16_to_f32(bits);
+  const WarpSeat seat = join_warp("__shfl_xor_sync");
+  auto& slot = block().shuffle_slots[seat.warp][seat.barrier.generation & 1];
+  slot[seat.lane] = value;
+  arrive(seat.barrier);
+  return slot[seat.lane ^ lane_mask];
 }
 
 void mma_m16n8k16(bool bf16, const uint32_t (&a)[4], const uint32_t (&b)[2], float (&d)[4]) {
-  Block& blk = block();
-  const int lane = blk.current->linear % kWarp, warp = blk.current->linear / kWarp;
-  Barrier& bar = blk.warps[warp];
-  check_warp_op(bar, warp, "mma.sync");
-  MmaSlot& s = blk.mma_slots[warp][bar.generation & 1];
+  const WarpSeat seat = join_warp("mma.sync");
+  const int lane = seat.lane, warp = seat.warp;
+  MmaSlot& s = block().mma_slots[warp][seat.barrier.generation & 1];
   std::copy(a, a + 4, s.a[lane]);
   std::copy(b, b + 2, s.b[lane]);
   std::copy(d, d + 4, s.c[lane]);
   s.bf16[lane] = bf16;
-  arrive(bar, [&s, warp] {
+  arrive(seat.barrier, [&s, warp] {
     // PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type": lane = 4 * group + tig;
     // value i (register i / 2, low half first) of A is A[group + 8 * (i / 2 % 2)][2 * tig + i % 2 + 8 * (i / 4)],
     // of B is B[2 * tig + i % 2 + 8 * (i / 2)][group]; of C and D, C[group + 8 * (i / 2)][2 * tig + i % 2].
@@ -257,15 +260,17 @@ void mma_m16n8k16(bool bf16, const uint32_t (&a)[4], const uint32_t (&b)[2], flo
         abort();
       }
       const int group = l / 4, tig = l % 4;
-      for (int i = 0; i < 8; ++i) A[group + 8 * (i / 2 % 2)][2 * tig + i % 2 + 8 * (i / 4)] = mma_value(s.a[l][i / 2], i % 2, s.bf16[l]);
-      for (int i = 0; i < 4; ++i) B[2 * tig + i % 2 + 8 * (i / 2)][group] = mma_value(s.b[l][i / 2], i % 2, s.bf16[l]);
+      for (int i = 0; i < 8; ++i)
+        A[group + 8 * (i / 2 % 2)][2 * tig + i % 2 + 8 * (i / 4)] = mma_value(s.a[l][i / 2], i % 2, s.bf16[l]);
+      for (int i = 0; i < 4; ++i)
+        B[2 * tig + i % 2 + 8 * (i / 2)][group] = mma_value(s.b[l][i / 2], i % 2, s.bf16[l]);
       for (int i = 0; i < 4; ++i) C[group + 8 * (i / 2)][2 * tig + i % 2] = s.c[l][i];
     }
     for (int l = 0; l < kWarp; ++l) {
       const int group = l / 4, tig = l % 4;
       for (int i = 0; i < 4; ++i) {
         const int row = group + 8 * (i / 2), col = 2 * tig + i % 2;
-        double sum = C[row][col];  // fp16/bf16 products are exact in double; one rounding at the end
+        double sum = C[row][col];  // fp16/bf16 products are exact in double; summed there, then rounded
         for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
         s.c[l][i] = static_cast<float>(sum);
       }

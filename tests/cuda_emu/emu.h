@@ -99,7 +99,7 @@ void sync_threads();
 float shfl_xor(unsigned mask, float value, int lane_mask, int width);
 // d += A·B for the calling warp (every lane calls it, as mma.sync.aligned): the operand
 // registers of each lane are gathered into A (16x16), B (16x8) by the layout of PTX's
-// mma.m16n8k16 for .f16/.bf16, the products summed exactly and rounded once to fp32.
+// mma.m16n8k16 for .f16/.bf16; the (exact) products are summed in double and rounded to fp32.
 void mma_m16n8k16(bool bf16, const uint32_t (&a)[4], const uint32_t (&b)[2], float (&d)[4]);
 void sync_grid();
 
