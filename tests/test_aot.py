@@ -66,3 +66,25 @@ def test_every_kernel_has_a_spec():
 def test_triton_version_is_supported():
     major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     assert (major, minor) >= (3, 6)
+
+
+def test_kernel_float_literals_are_fp32_on_every_triton():
+    """triton 3.6 (the GPU machine's) types a bare float literal outside fp32's normal range (a
+    subnormal such as 1e-38, or past 3.4e38) as fp64, and an fp32-only op then fails to compile;
+    triton 3.9 (CI's) accepts it. Such constants must be built as fp32 (tl.full(..., tl.float32))."""
+    import ast
+    import inspect
+    import textwrap
+
+    smallest_normal, largest = 2.0**-126, 3.4028234663852886e38
+    found = set()
+    for fn in {spec.fn.fn for spec in registered()}:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        in_full = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "full"
+                   for a in n.args}  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, float) and id(node) not in in_full:
+                v = abs(node.value)
+                if 0 < v < float("inf") and not smallest_normal <= v <= largest:
+                    found.add(f"{fn.__name__}: {node.value!r} (line {node.lineno} of the kernel)")
+    assert not found, sorted(found)

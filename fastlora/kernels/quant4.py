@@ -54,7 +54,8 @@ def _quantize_4bit_kernel(
     x = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
 
     absmax = tl.max(tl.abs(x), axis=1)
-    clamped = tl.maximum(absmax, 1e-38)
+    # 1e-38 is subnormal in fp32: as a bare literal triton 3.6 types it fp64, so it is made fp32 here.
+    clamped = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
     # Full blocks: x * (1 / absmax); the partial last block: x / absmax (as bitsandbytes).
     recip = tl.div_rn(tl.full([ROWS], 1.0, tl.float32), clamped)
     is_full = (rows.to(tl.int64) + 1) * BLOCKSIZE <= n
