@@ -175,6 +175,14 @@ class Trainer(CheckpointMixin):
         sharded like any frozen parameter; its small statistics are replicated."""
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 before torch 2.13 creates every shard as nn.Parameter(t) (requires_grad=True), which an
+        # integer tensor refuses. So a frozen byte parameter (the packed 4-bit base) is sharded as a
+        # 1-byte float view of the same bytes: its quant_storage, which every 4-bit path reads as bytes.
+        # Done on every torch version, so the path tested is the one that runs.
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.is_floating_point() and not p.requires_grad and p.element_size() == 1:
+                    setattr(module, name, nn.Parameter(p.data.view(torch.float8_e4m3fn), requires_grad=False))
         blocks = [m for name, m in model.named_modules() if name.endswith(tuple(f"layers.{i}" for i in range(999)))
                   or name.endswith(tuple(f"layer.{i}" for i in range(999)))]  # fmt: skip
         for block in blocks:
