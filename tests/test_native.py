@@ -412,7 +412,9 @@ def test_ops_are_opaque_to_torch_compile():
 
 
 def test_module_is_current_and_poison_syncs(built):
-    assert native.is_built() and not native.has_cuda()
+    assert native.is_built()
+    if torch.version.cuda is None:  # a CPU torch builds the CPU kernels only
+        assert not native.has_cuda()
     from importlib.util import module_from_spec, spec_from_file_location
 
     spec = spec_from_file_location("csrc_build", ROOT / "csrc" / "build.py")

@@ -230,17 +230,20 @@ def _lora_matmul_kernel(
 # 4-bit path (odd K, blocks across rows) gathers per element and is kept unpipelined and small.
 # Under the interpreter one small config runs (triton.autotune with several configs fails there).
 BR = 16  # low-rank inner step: the smallest tensor-core K
-# Every config here compiles without a spill for every variant on sm_80 and sm_90 (tests/test_aot.py);
-# the dequantised W tile costs registers, hence BK = 32 at training sizes.
+# Every config here compiles without a spill for every variant on sm_80 and sm_90 (tests/test_aot.py)
+# with triton 3.9 and also 3.6 (the GPU machine's; checked by hand, csrc/README.md). The dequantised
+# W tile costs registers, hence BK = 32 at training sizes, 8 warps for the 16 x 64 x 128 decode tile
+# (4 warps: 241-255 registers, and 30 spills for dense sm_80 on 3.6) and a 16 x 32 fp32 decode tile
+# (16 x 64: 255 registers, spills on sm_90 with 3.6).
 TC_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 16, "BN": 64, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BN": 64, "BK": 128, "GROUP_M": 1}, num_warps=8, num_stages=3),
     triton.Config({"BM": 16, "BN": 32, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
 ]
 FP32_CONFIGS = [
     triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 16, "BN": 64, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
 ]
 GENERAL_4BIT_CONFIG = triton.Config({"BM": 64, "BN": 32, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2)
 INTERPRETER_CONFIG = triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
