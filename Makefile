@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-gpu lint env clean bench bench-gpu
+.PHONY: demo test test-gpu lint env clean bench bench-gpu gpu-stack
 
 env: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test: lint
 test-gpu: env
 	FASTLORA_GPU=1 $(BIN)/python -m pytest -q -m gpu
 
+# Without a GPU: the CUDA extension built and linked, every Triton kernel compiled and the whole suite
+# run against the GPU machine's torch 2.11 + CUDA 13 and triton 3.6 (.ci/gpu-stack; a ~4.6 GB venv).
+gpu-stack:
+	bash .ci/gpu-stack
+
 # Benchmarks (benchmarks/README.md). Anywhere: the reduced CPU set.
 bench: env
 	$(BIN)/fastlora bench --quick
@@ -48,4 +53,4 @@ bench-gpu: env
 	$(BIN)/fastlora bench --suite all --out benchmarks/results/$$(date -u +%Y-%m-%d)_gpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastlora/_C*.so
+	rm -rf $(VENV) .venv-gpustack build *.egg-info .pytest_cache .ruff_cache fastlora/_C*.so
