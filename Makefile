@@ -15,10 +15,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "fastlora: keeping the CUDA torch of $(PY)"; \
 		$(PY) -m venv --system-site-packages $(VENV); \
-		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel; \
+		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel; \
 	else \
 		$(PY) -m venv $(VENV); \
-		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel; \
+		$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel; \
 		$(BIN)/python -m pip install -q torch==2.13.0; \
 	fi
 	$(BIN)/python -m pip install -q ninja
