@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-gpu lint env clean bench bench-gpu gpu-stack
 
-env: $(VENV)/.installed
+env: $(VENV)/.installed $(VENV)/gpu-triton/.installed
 
 # A CUDA torch already installed for $(PY) is kept (the venv sees it); otherwise the
 # CPU build of torch goes in first, so nothing pulls a multi-GB CUDA build.
@@ -23,6 +23,13 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 	fi
 	$(BIN)/python -m pip install -q ninja
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# The GPU machine's triton beside the venv's, in a directory on no path: tests/test_aot.py compiles
+# every kernel with both, since their compilers differ (register allocation, literal typing).
+GPU_TRITON ?= 3.6.0
+$(VENV)/gpu-triton/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/gpu-triton triton==$(GPU_TRITON)
 	touch $@
 
 demo: env

@@ -1,4 +1,6 @@
-"""Every Triton kernel and tuning config compiles for sm_80 and sm_90, with no GPU and no spills.
+"""Every Triton kernel and tuning config compiles for sm_80 and sm_90, with no GPU and no spills,
+with the installed triton and with the GPU machine's (3.6, which ``make env`` installs beside the
+venv's: the two compilers differ, e.g. in register allocation and in typing float literals).
 
 Spills are read from the SASS (local stores/loads). The cubin's stack size also counts call
 frames, e.g. of the IEEE division slow path the quantiser needs for bit-exactness, so
@@ -9,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import triton
@@ -17,12 +20,20 @@ import fastlora.kernels
 from fastlora.aot import registered
 
 SPEC_NAMES = [spec.name for spec in registered()]
+# The GPU machine's triton, a plain directory that only the compile subprocess puts on its path
+# (Makefile: GPU_TRITON, installed with pip --target by `make env`).
+GPU_TRITON_DIR = Path(sys.prefix) / "gpu-triton"
+GPU_TRITON_VERSION = "3.6."
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """Compile everything once, in a subprocess without TRITON_INTERPRET (real JITFunctions)."""
+@pytest.fixture(scope="module", params=["installed", "gpu"], ids=["triton-installed", "triton-gpu"])
+def compiled(request):
+    """Compile everything once per triton, in a subprocess without TRITON_INTERPRET (real JITFunctions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param == "gpu":
+        if not (GPU_TRITON_DIR / "triton").is_dir():
+            pytest.skip(f"the GPU machine's triton is not installed at {GPU_TRITON_DIR} (make env installs it)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GPU_TRITON_DIR), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "fastlora.aot", "--json"],
         capture_output=True,
@@ -32,6 +43,11 @@ def compiled():
     )
     assert proc.stdout, proc.stderr[-4000:]
     results = json.loads(proc.stdout)
+    versions = {r["triton"] for r in results}
+    if request.param == "gpu":
+        assert versions and all(v.startswith(GPU_TRITON_VERSION) for v in versions), versions
+    else:
+        assert versions == {triton.__version__}, versions
     return {(r["name"], r["arch"]): r for r in results}
 
 
@@ -39,7 +55,7 @@ def compiled():
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_kernel_compiles_without_spills(compiled, name, arch):
     result = compiled[(name, arch)]
-    assert result["ok"], result.get("error")
+    assert result["ok"], f"triton {result['triton']}: {result.get('error')}"
     assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"{name} on sm_{arch} spills: {result}"
     assert 0 < result["registers"] <= 255
     if result["tensor_core"]:

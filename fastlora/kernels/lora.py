@@ -231,7 +231,7 @@ def _lora_matmul_kernel(
 # Under the interpreter one small config runs (triton.autotune with several configs fails there).
 BR = 16  # low-rank inner step: the smallest tensor-core K
 # Every config here compiles without a spill for every variant on sm_80 and sm_90 (tests/test_aot.py)
-# with triton 3.9 and also 3.6 (the GPU machine's; checked by hand, csrc/README.md). The dequantised
+# with the installed triton and with the GPU machine's 3.6, whose allocator differs. The dequantised
 # W tile costs registers, hence BK = 32 at training sizes, 8 warps for the 16 x 64 x 128 decode tile
 # (4 warps: 241-255 registers, and 30 spills for dense sm_80 on 3.6) and a 16 x 32 fp32 decode tile
 # (16 x 64: 255 registers, spills on sm_90 with 3.6).
