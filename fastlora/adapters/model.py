@@ -169,18 +169,9 @@ class LoraModel(WrappedModel):
                 copy_.requires_grad_(adapter_name == name)
         self.active_adapter = name
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Within the block the model is exactly its base: no LoRA term, original modules_to_save."""
-        layers = [m for _, m in self.lora_layers()] + [m for _, m in self.saved_modules()]
-        previous = [m.disabled for m in layers]
-        try:
-            for m in layers:
-                m.disabled = True
-            yield
-        finally:
-            for m, state in zip(layers, previous, strict=True):
-                m.disabled = state
+        return self._disabled(m for _, m in self.lora_layers())
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)

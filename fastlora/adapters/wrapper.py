@@ -3,8 +3,9 @@ unknown attributes forwarded to it, modules trained in full beside the adapters,
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -77,6 +78,20 @@ class WrappedModel(nn.Module):
         for path, module in self.model.named_modules():
             if isinstance(module, ModulesToSave):
                 yield path, module
+
+    @contextlib.contextmanager
+    def _disabled(self, layers: Iterable[nn.Module]) -> Iterator[None]:
+        """Within the block ``layers`` and every modules_to_save are ``disabled`` (the host's own
+        behaviour); each one's previous state comes back afterwards, also on an exception."""
+        layers = [*layers, *(m for _, m in self.saved_modules())]
+        previous = [m.disabled for m in layers]
+        try:
+            for m in layers:
+                m.disabled = True
+            yield
+        finally:
+            for m, state in zip(layers, previous, strict=True):
+                m.disabled = state
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; a packed 4-bit tensor counts its 2 values per byte."""

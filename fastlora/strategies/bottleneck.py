@@ -342,18 +342,9 @@ class AdapterModel(WrappedModel):
             if isinstance(module, AdapterLayer):
                 yield path, module
 
-    @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
+    def disable_adapters(self) -> contextlib.AbstractContextManager[None]:
         """Within the block the model is exactly the host: no adapters, original modules_to_save."""
-        layers = [m for _, m in self.adapter_layers()] + [m for _, m in self.saved_modules()]
-        previous = [m.disabled for m in layers]
-        try:
-            for m in layers:
-                m.disabled = True
-            yield
-        finally:
-            for m, state in zip(layers, previous, strict=True):
-                m.disabled = state
+        return self._disabled(m for _, m in self.adapter_layers())
 
     def unload(self) -> nn.Module:
         """The host with every adapter removed and the original modules_to_save back (still frozen)."""
