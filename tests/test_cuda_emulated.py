@@ -276,6 +276,10 @@ GEMV_SHAPES = {
     "K256-N77": (256, 77, "nf4", 64, True),  # K % 32 == 0: the 16-byte streaming path
     "K1024-N45-bs4096": (1024, 45, "fp4", 4096, False),  # blocks span rows
     "K4160-N24": (4160, 24, "nf4", 64, True),  # 130 chunks a row: 4 to 5 per lane, the prefetch goes round
+    # the tensor-core kernel's ring of 3 W steps: its warps stop at every slot of the ring (full steps
+    # 43 and 52 over 8 warps: 5 to 7 a warp), with and without a partial last step
+    "K5568-N20": (5568, 20, "nf4", 64, True),
+    "K6656-N19": (6656, 19, "fp4", 128, False),
     "K200-N45": (200, 45, "nf4", 128, True),  # K % 8 == 0 but not 32: element-wise W, 16-byte x and A
     "K129-N33": (129, 33, "fp4", 32, False),  # odd K: rows start mid-byte
 }
@@ -343,7 +347,7 @@ def _tensor_cores(x: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 16], ids=id_formatter("M"))
-@pytest.mark.parametrize("shape", ["K256-N77", "K1024-N45-bs4096", "K4160-N24"])
+@pytest.mark.parametrize("shape", ["K256-N77", "K1024-N45-bs4096", "K4160-N24", "K5568-N20", "K6656-N19"])
 def test_gemv_tensor_cores_round_only_the_output(emu, shape, m, dtype):
     """The tensor-core kernel multiplies by exactly the dequantised weights in `dtype` (fp32 code x absmax,
     rounded once) and sums in fp32: against that product in float64 its only error is the final rounding

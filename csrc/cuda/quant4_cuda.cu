@@ -6,9 +6,10 @@
 // - fp16/bf16 x, K % 32 == 0 (the common case): the tensor-core kernel. A block owns 16 output
 //   rows (the M of mma.sync m16n8k16; the tokens of x are its N, 8 or 16), its warps split K.
 //   Each lane streams one 16-byte chunk (32 weights, one absmax) of rows g and g + 8 per step with
-//   L1-bypassing loads, prefetching the next step's, dequantises them into mma operand registers
-//   (fp32 code x absmax rounded to T: the reference's dequantised weight, bit for bit) and loads
-//   the matching 32 values of x. A dot product does not care in which order k is summed, so the
+//   L1-bypassing loads, two steps ahead of the math (a ring of three), dequantises them into mma
+//   operand registers (fp32 code x absmax rounded to T: the reference's dequantised weight, bit for
+//   bit) and loads the matching 32 values of x (cache-resident) in the step that uses them; at 128
+//   registers two blocks fit an SM. A dot product does not care in which order k is summed, so the
 //   k of the mma fragments is a permutation of the k in memory, the same for A and B: lane
 //   (g, t) feeds its own chunk, so no data moves between lanes. The decode costs about 4.5
 //   instructions a weight whatever M is; the warps' partial sums meet in shared memory.
@@ -37,6 +38,7 @@ constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kMmaWarps = 8;  // warps splitting K in a block of the tensor-core GEMV
 constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kMmaRows = 16;  // output rows a block task owns: the M of m16n8k16
+constexpr int kMmaStages = 3;  // W step buffers of a lane: two steps in flight during the third's math
 constexpr int kMergeThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
 
@@ -296,32 +298,34 @@ struct CodeTable {
   }
 };
 
-template <int NT>
-struct MmaStep {  // what one lane reads for one step
-  uint32_t w[2][4];    // rows g, g + 8: the 16 bytes of chunk c
-  float scale[2];      // their absmax (0 past K: zero weights)
-  uint32_t x[NT][16];  // tokens g (+ 8): 32 values of chunk c, two a word
+// W of one step for one lane: the 16 bytes of chunk c of rows g and g + 8 and their absmax (0 past K:
+// zero weights). The stream from device memory: kMmaStages of these make the ring that keeps
+// kMmaStages - 1 steps of W in flight while a step is computed.
+struct MmaWeights {
+  uint32_t w[2][4];
+  float scale[2];
 };
 
-template <typename T, int NT>
-struct MmaCursor {  // a lane's addresses at its chunk of the warp's next step
+template <int NT>
+struct MmaX {  // x of one step for one lane: 32 values of chunk c of tokens g (and g + 8), two a word
+  uint32_t x[NT][16];
+};
+
+struct WeightCursor {  // a lane's addresses at its chunk of the next step of W to load
   const uint8_t* w[2];  // rows n0 + g, n0 + g + 8 (clamped to N - 1)
   int64_t e[2];         // flat index of the chunk's first weight: its absmax block is e >> log2_blocksize
-  const T* x[NT];  // tokens g, g + 8 (clamped to M - 1)
 
   __device__ __forceinline__ void advance() {
 #pragma unroll
     for (int h = 0; h < 2; ++h) w[h] += 64 * kMmaWarps, e[h] += 128 * kMmaWarps;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) x[nt] += 128 * kMmaWarps;
   }
 };
 
-// Loads the step at the cursor. kTail: the step may end past K (`chunk_ok` says whether this
+// Loads W of the step at the cursor. kTail: the step may end past K (`chunk_ok` says whether this
 // lane's chunk exists); otherwise every chunk exists.
-template <bool kTail, typename T, int NT>
-__device__ __forceinline__ void load_mma_step(const GemvParams& p, const MmaCursor<T, NT>& cur, int log2_blocksize,
-                                              bool chunk_ok, MmaStep<NT>& s) {
+template <bool kTail>
+__device__ __forceinline__ void load_mma_weights(const GemvParams& p, const WeightCursor& cur, int log2_blocksize,
+                                                 bool chunk_ok, MmaWeights& s) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     uint4 q = make_uint4(0, 0, 0, 0);
@@ -333,12 +337,17 @@ __device__ __forceinline__ void load_mma_step(const GemvParams& p, const MmaCurs
     s.w[h][0] = q.x, s.w[h][1] = q.y, s.w[h][2] = q.z, s.w[h][3] = q.w;
     s.scale[h] = a;
   }
+}
+
+// Loads x of one step: the chunk at x[nt] of each token tile (L1/L2-resident: every block reads it).
+template <bool kTail, typename T, int NT>
+__device__ __forceinline__ void load_mma_x(const T* const (&x)[NT], bool chunk_ok, MmaX<NT>& s) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (!kTail || chunk_ok) v = __ldg(reinterpret_cast<const uint4*>(cur.x[nt]) + i);
+      if (!kTail || chunk_ok) v = __ldg(reinterpret_cast<const uint4*>(x[nt]) + i);
       s.x[nt][4 * i] = v.x, s.x[nt][4 * i + 1] = v.y, s.x[nt][4 * i + 2] = v.z, s.x[nt][4 * i + 3] = v.w;
     }
   }
@@ -352,7 +361,8 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int b, const Cod
 }
 
 template <typename T, int NT>
-__device__ __forceinline__ void mma_step(const MmaStep<NT>& s, const CodeTable& codes, float (&acc)[NT][4]) {
+__device__ __forceinline__ void mma_step(const MmaWeights& s, const MmaX<NT>& xs, const CodeTable& codes,
+                                         float (&acc)[NT][4]) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int word = j >> 1, b = 2 * (j & 1);  // bytes 2j and 2j + 1 of the chunk
@@ -364,19 +374,23 @@ __device__ __forceinline__ void mma_step(const MmaStep<NT>& s, const CodeTable& 
     };
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const uint32_t bx[2] = {s.x[nt][2 * j], s.x[nt][2 * j + 1]};  // values 4j, 4j+1 | 4j+2, 4j+3
+      const uint32_t bx[2] = {xs.x[nt][2 * j], xs.x[nt][2 * j + 1]};  // values 4j, 4j+1 | 4j+2, 4j+3
       mma_16816<T>(acc[nt], a, bx);
     }
   }
 }
 
 // Σ_k over this warp's steps of the block's 16 rows, as D fragments (acc[nt]: tokens 8nt .. 8nt+7).
+// W streams from device memory kMmaStages - 1 steps ahead of the math (a ring of step buffers,
+// its slots named by compile-time indices: the loop is unrolled by kMmaStages); x, which every
+// block reads and the caches hold, is loaded in the step that uses it, so its registers are not
+// doubled and the kernel fits two blocks an SM.
 template <typename T, int NT>
 __device__ __forceinline__ void mma_rows(const GemvParams& p, const T* __restrict__ x, int64_t n0, int warp, int g,
                                          int t, const CodeTable& codes, int log2_blocksize, float (&acc)[NT][4]) {
   const int64_t chunks = p.K / 32, full = chunks / 4;  // steps [0, full) have all four chunks
   const int64_t c0 = 4 * static_cast<int64_t>(warp) + t;
-  MmaCursor<T, NT> cur;
+  WeightCursor cur;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t row = n0 + g + 8 * h;
@@ -384,34 +398,46 @@ __device__ __forceinline__ void mma_rows(const GemvParams& p, const T* __restric
     cur.w[h] = p.packed + r * (p.K / 2) + c0 * 16;
     cur.e[h] = r * p.K + c0 * 32;
   }
+  const T* xc[NT];  // x of tokens g (+ 8, clamped to M - 1) at the step being computed
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int m = g + 8 * nt < p.M ? g + 8 * nt : p.M - 1;
-    cur.x[nt] = x + m * p.ldx + c0 * 32;
+    xc[nt] = x + m * p.ldx + c0 * 32;
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 
-  // Two step buffers, so the next step's loads are in flight during this one's math without copies.
-  MmaStep<NT> s0, s1;
+  constexpr int S = kMmaStages;
+  MmaWeights ring[S];
   int64_t step = warp;  // warp-uniform, as every branch below
-  if (step < full) load_mma_step<false>(p, cur, log2_blocksize, true, s0), cur.advance();
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i)
+    if (step + i * kMmaWarps < full) load_mma_weights<false>(p, cur, log2_blocksize, true, ring[i]), cur.advance();
   while (step < full) {
-    if (step + kMmaWarps < full) load_mma_step<false>(p, cur, log2_blocksize, true, s1), cur.advance();
-    mma_step<T, NT>(s0, codes, acc);
-    if ((step += kMmaWarps) >= full) break;
-    if (step + kMmaWarps < full) load_mma_step<false>(p, cur, log2_blocksize, true, s0), cur.advance();
-    mma_step<T, NT>(s1, codes, acc);
-    step += kMmaWarps;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      // the slot of the step before this one is free: fill it with the step S - 1 ahead
+      if (step + (S - 1) * kMmaWarps < full)
+        load_mma_weights<false>(p, cur, log2_blocksize, true, ring[(i + S - 1) % S]), cur.advance();
+      MmaX<NT> xs;
+      load_mma_x<false, T, NT>(xc, true, xs);
+      mma_step<T, NT>(ring[i], xs, codes, acc);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xc[nt] += 128 * kMmaWarps;
+      if ((step += kMmaWarps) >= full) break;
+    }
   }
-  if (step == full && chunks % 4 != 0) {  // the cursor is at step `full`: the last, partial one
-    load_mma_step<true>(p, cur, log2_blocksize, 4 * full + t < chunks, s0);
-    mma_step<T, NT>(s0, codes, acc);
+  if (step == full && chunks % 4 != 0) {  // both cursors are at step `full`: the last, partial one
+    const bool chunk_ok = 4 * full + t < chunks;
+    MmaX<NT> xs;
+    load_mma_weights<true>(p, cur, log2_blocksize, chunk_ok, ring[0]);
+    load_mma_x<true, T, NT>(xc, chunk_ok, xs);
+    mma_step<T, NT>(ring[0], xs, codes, acc);
   }
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kMmaThreads, 1)
+__global__ void __launch_bounds__(kMmaThreads, 2)
     gemv_4bit_mma_kernel(const GemvParams p, int log2_blocksize, bool a_vec, bool coop) {
   static_assert(kMmaThreads == kMmaRows * 16, "the reduction gives each thread one (token, row) of the output");
   __shared__ __align__(64) float lut[16];
