@@ -565,10 +565,12 @@ def test_cuda_sources_compile_without_spills(cuda_resource_usage, arch):
 
 
 def test_decode_gemv_instruction_budget():
-    """The streaming loops of the decode GEMV stay as lean as in benchmarks/results/static-sm90-2026-11-24
-    (sm_90 SASS, per 16-byte chunk = 32 weights a lane: about 186 instructions for the tensor-core kernel
-    at M <= 8 and 193 at M <= 16, 198 for the fp32 CUDA-core kernel at M = 1; issue-bound ceilings near
-    89 / 85 / 83 % of H100 bandwidth): a guard against work creeping into the hot loops."""
+    """The streaming loops of the decode GEMV stay as lean and as deep as in benchmarks/results/
+    static-sm90-2026-11-25 (sm_90 SASS, per 16-byte chunk = 32 weights a lane: about 188 instructions for
+    the tensor-core kernel at M <= 8 and 196 at M <= 16, 198 for the fp32 CUDA-core kernel at M = 1;
+    issue-bound ceilings near 88 / 84 / 83 % of H100 bandwidth), and the tensor-core kernel keeps two
+    steps of W in flight (about 4.3 16-byte loads a lane) at 128 registers, two blocks an SM: a guard
+    against work creeping into the hot loops and against the prefetch collapsing."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the SASS budget is checked where it is")
@@ -577,16 +579,49 @@ def test_decode_gemv_instruction_budget():
     spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
     cuda_sass = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_sass)
-    loops = {(r["kernel"], r["dtype"], r["M"]): r for r in cuda_sass.gemv_loops(cuda_sass.sass(nvcc))}
+    rows = cuda_sass.gemv_loops(*cuda_sass.disassemble(nvcc))
+    loops = {(r["kernel"], r["dtype"], r["M"]): r for r in rows}
     assert len(loops) == 9  # 16-bit x on the 16-byte path always takes the tensor cores
     for dtype in ("fp16", "bf16"):
-        for m, limit, hmma in ((8, 195, 4), (16, 205, 8)):
+        for m, limit, hmma, wavefronts in ((8, 195, 4, 48), (16, 205, 8, 56)):
             r = loops[("tensor cores", dtype, m)]
             assert r["instructions"] <= limit, r
             # one table lookup and one multiply a weight, 8 mma.sync (x 1 or 2 token tiles) per 2 chunks
             assert r["lds"] == 32 and r["fmul"] <= 34 and r["hmma"] == hmma, r
+            # W of two steps (2 x 2 loads a lane) outstanding through most of the loop, at two blocks an SM
+            assert r["in_flight"] >= 4.0 and r["blocks_per_sm"] >= 2, r
+            assert r["wavefronts"] <= wavefronts, r  # L1: 32 table lookups, W, absmax and x (8 or 16) a chunk
+            latency = cuda_sass.latency_ceiling(r, sms=132, bandwidth_tbs=3.35, latency_ns=1000)
+            assert latency == 1.0, r  # enough in flight for H100 bandwidth even at 1 µs of latency
     m1 = loops[("CUDA cores", "fp32", 1)]
     assert m1["instructions"] <= 210 and m1["lds"] == 32 and m1["fmul"] <= 34, m1
+
+
+def test_sass_model_counts_loads_in_flight_and_occupancy():
+    """The static model's inputs on hand-made cases: load-to-use distance around the back edge, L1
+    wavefronts per load, and register-limited occupancy (per-warp allocation in units of 256 registers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
+    cuda_sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_sass)
+    loop = [
+        "LDG.E.NA.128.CONSTANT R8, desc[UR4][R2.64]",  # used at 3: 3 instructions
+        "IMAD R16, R14, 0x2, R1",
+        "LDG.E.NA.128.CONSTANT R12, desc[UR4][R4.64]",  # used at 1 of the next iteration: 4 instructions
+        "FFMA R20, R11, R20, R21",
+        "BRA 0x0",
+    ]
+    assert cuda_sass._in_flight(loop) == pytest.approx((3 + 4) / 5)
+    wavefronts = [cuda_sass._wavefronts(op) for op in (*loop, "LDS R3, [R2]", "@!P1 LDG.E.64 R4, desc[UR4][R6.64]")]
+    assert wavefronts == [4, 0, 4, 0, 0, 1, 2]
+    assert cuda_sass.blocks_per_sm(128, 256) == 2 and cuda_sass.blocks_per_sm(129, 256) == 1
+    assert cuda_sass.blocks_per_sm(124, 128) == 4 and cuda_sass.blocks_per_sm(32, 256) == 8
+    row = {"blocks_per_sm": 2, "threads": 256, "in_flight": 4.0}  # 32 KiB an SM x 132 = 4.3 MB
+    assert cuda_sass.latency_ceiling(row, sms=132, bandwidth_tbs=3.35, latency_ns=600) == 1.0
+    assert cuda_sass.latency_ceiling(row, sms=132, bandwidth_tbs=3.35, latency_ns=2000) == pytest.approx(
+        132 * 2 * 256 * 4 * 16 / (3.35e12 * 2e-6)
+    )
 
 
 @pytest.mark.slow
