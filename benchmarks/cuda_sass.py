@@ -73,11 +73,6 @@ def disassemble(nvcc: str, arch: str = "sm_90", source: Path = SOURCE) -> tuple[
     return text, {name: int(r) for name, r in registers}
 
 
-def sass(nvcc: str, arch: str = "sm_90") -> str:
-    """The SASS of every kernel in quant4_cuda.cu for `arch`."""
-    return disassemble(nvcc, arch)[0]
-
-
 def _in_flight(loop: list[str]) -> float:
     """Streaming (16-byte, L1-bypassing) loads a lane has in flight on average over the loop body: each
     is outstanding from its issue to the first instruction that reads its destination registers, in
@@ -159,26 +154,31 @@ def gemv_loops(sass_text: str, registers: dict[str, int] | None = None) -> list[
     return sorted(rows, key=lambda r: (r["kernel"] != "tensor cores", order.index(r["dtype"]), r["M"]))
 
 
-def issue_ceiling(instructions_per_chunk: float, *, sms: int, clock_ghz: float, bandwidth_tbs: float,
+def _of_bandwidth(weights_per_cycle: float, *, sms: int, clock_ghz: float, bandwidth_tbs: float,
                   bytes_per_weight: float) -> float:  # fmt: skip
-    """Fraction of `bandwidth_tbs` an issue-bound loop can stream (capped at 1)."""
-    weights_per_cycle = 4 * 32 * 32 / instructions_per_chunk  # per SM: 4 warp-instr/clk, 32 lanes x 32 weights
+    """Fraction of `bandwidth_tbs` that an SM consuming `weights_per_cycle` weights a cycle reaches (capped at 1)."""
     needed = bandwidth_tbs * 1e12 / (sms * clock_ghz * 1e9) / bytes_per_weight
     return min(1.0, weights_per_cycle / needed)
 
 
-def l1_ceiling(wavefronts_per_chunk: float, *, sms: int, clock_ghz: float, bandwidth_tbs: float,
-               bytes_per_weight: float) -> float:  # fmt: skip
-    """Fraction of `bandwidth_tbs` the L1 data path (one wavefront a cycle an SM) leaves (capped at 1)."""
-    weights_per_cycle = 32 * 32 / wavefronts_per_chunk  # a warp-chunk: 32 lanes x 32 weights
-    needed = bandwidth_tbs * 1e12 / (sms * clock_ghz * 1e9) / bytes_per_weight
-    return min(1.0, weights_per_cycle / needed)
+def issue_ceiling(instructions_per_chunk: float, **device: float) -> float:
+    """Fraction of the bandwidth an issue-bound loop can stream (`device`: see :func:`_of_bandwidth`)."""
+    return _of_bandwidth(4 * 32 * 32 / instructions_per_chunk, **device)  # 4 warp-instr/clk, 32 lanes x 32 weights
+
+
+def l1_ceiling(wavefronts_per_chunk: float, **device: float) -> float:
+    """Fraction of the bandwidth the L1 data path (one wavefront a cycle an SM) leaves."""
+    return _of_bandwidth(32 * 32 / wavefronts_per_chunk, **device)  # a warp-chunk: 32 lanes x 32 weights
+
+
+def in_flight_bytes_per_sm(row: dict) -> float:
+    """Bytes of W an SM has outstanding: resident blocks x threads x 16-byte loads in flight a lane."""
+    return row["blocks_per_sm"] * row["threads"] * row["in_flight"] * 16
 
 
 def latency_ceiling(row: dict, *, sms: int, bandwidth_tbs: float, latency_ns: float) -> float:
     """Fraction of `bandwidth_tbs` the bytes a full GPU keeps in flight can draw at `latency_ns` (capped at 1)."""
-    in_flight = sms * row["blocks_per_sm"] * row["threads"] * row["in_flight"] * 16
-    return min(1.0, in_flight / (bandwidth_tbs * 1e12 * latency_ns * 1e-9))
+    return min(1.0, sms * in_flight_bytes_per_sm(row) / (bandwidth_tbs * 1e12 * latency_ns * 1e-9))
 
 
 def main() -> None:
@@ -199,13 +199,12 @@ def main() -> None:
                "16-B loads in flight / lane", "KiB in flight / SM", "latency ceiling"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("| --- | --- |" + " ---: |" * (len(columns) - 2))
+    device = {"sms": args.sms, "clock_ghz": args.clock_ghz, "bandwidth_tbs": args.bandwidth_tbs,
+              "bytes_per_weight": bytes_per_weight}  # fmt: skip
     for r in gemv_loops(*disassemble(args.nvcc, source=args.source)):
-        issue = issue_ceiling(r["instructions"], sms=args.sms, clock_ghz=args.clock_ghz,
-                              bandwidth_tbs=args.bandwidth_tbs, bytes_per_weight=bytes_per_weight)  # fmt: skip
-        l1 = l1_ceiling(r["wavefronts"], sms=args.sms, clock_ghz=args.clock_ghz, bandwidth_tbs=args.bandwidth_tbs,
-                        bytes_per_weight=bytes_per_weight)  # fmt: skip
+        issue, l1 = issue_ceiling(r["instructions"], **device), l1_ceiling(r["wavefronts"], **device)
         latency = latency_ceiling(r, sms=args.sms, bandwidth_tbs=args.bandwidth_tbs, latency_ns=args.latency_ns)
-        kib = r["blocks_per_sm"] * r["threads"] * r["in_flight"] * 16 / 1024
+        kib = in_flight_bytes_per_sm(r) / 1024
         m = f"≤ {r['M']}" if r["kernel"] == "tensor cores" else str(r["M"])
         print(f"| {r['kernel']} | {r['dtype']} | {m} | {r['instructions']:.1f} | {r['instructions'] / 32:.2f} | "
               f"{r['lds']:g} | {r['fmul']:g} | {r['hmma']:g} | {r['ldg']:g} | {issue:.0%} | {r['wavefronts']:.1f} | "

@@ -564,6 +564,16 @@ def test_cuda_sources_compile_without_spills(cuda_resource_usage, arch):
         assert 0 < u["registers"] <= 255, f"{name} on {arch}: {u}"
 
 
+def _cuda_sass():
+    """benchmarks/cuda_sass.py, the static model of the decode GEMV, loaded from its file (not installed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_decode_gemv_instruction_budget():
     """The streaming loops of the decode GEMV stay as lean and as deep as in benchmarks/results/
     static-sm90-2026-11-25 (sm_90 SASS, per 16-byte chunk = 32 weights a lane: about 188 instructions for
@@ -574,11 +584,7 @@ def test_decode_gemv_instruction_budget():
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the SASS budget is checked where it is")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
-    cuda_sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda_sass)
+    cuda_sass = _cuda_sass()
     rows = cuda_sass.gemv_loops(*cuda_sass.disassemble(nvcc))
     loops = {(r["kernel"], r["dtype"], r["M"]): r for r in rows}
     assert len(loops) == 9  # 16-bit x on the 16-byte path always takes the tensor cores
@@ -600,11 +606,7 @@ def test_decode_gemv_instruction_budget():
 def test_sass_model_counts_loads_in_flight_and_occupancy():
     """The static model's inputs on hand-made cases: load-to-use distance around the back edge, L1
     wavefronts per load, and register-limited occupancy (per-warp allocation in units of 256 registers)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cuda_sass", ROOT / "benchmarks" / "cuda_sass.py")
-    cuda_sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda_sass)
+    cuda_sass = _cuda_sass()
     loop = [
         "LDG.E.NA.128.CONSTANT R8, desc[UR4][R2.64]",  # used at 3: 3 instructions
         "IMAD R16, R14, 0x2, R1",
