@@ -247,7 +247,7 @@ def _state_args(state: QuantState) -> tuple:
 
 
 def quantize_4bit_blocks(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Native twin of :func:`~fastlora.kernels.quant4_ref.quantize_4bit_ref` (bit-identical; CPU).
+    """Native twin of :func:`~fastlora.quant.ref.quantize_4bit_ref` (bit-identical; CPU).
 
     Args:
         w: fp32/fp16/bf16 CPU tensor, any shape, n finite values.
@@ -257,7 +257,7 @@ def quantize_4bit_blocks(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
     """
     ops = _ops(w.device, "quantisation")
     if ops is None:
-        from fastlora.kernels.quant4_ref import quantize_4bit_ref
+        from fastlora.quant.ref import quantize_4bit_ref
 
         return quantize_4bit_ref(w, quant_type, blocksize)
     midpoints, order = get_bounds(quant_type, w.device)
@@ -265,7 +265,7 @@ def quantize_4bit_blocks(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
 
 
 def quantize_blockwise_blocks(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Native twin of :func:`~fastlora.kernels.quant4_ref.quantize_blockwise_ref` (bit-identical; CPU).
+    """Native twin of :func:`~fastlora.quant.ref.quantize_blockwise_ref` (bit-identical; CPU).
 
     Args:
         x: (n,) fp32 CPU tensor; code: (256,) fp32 sorted code.
@@ -273,7 +273,7 @@ def quantize_blockwise_blocks(x: torch.Tensor, code: torch.Tensor, blocksize: in
     Returns:
         q: (n,) uint8; absmax: (ceil(n / blocksize),) fp32.
     """
-    from fastlora.kernels.quant4_ref import _blockwise_lut, quantize_blockwise_ref
+    from fastlora.quant.ref import _blockwise_lut, quantize_blockwise_ref
 
     ops = _ops(x.device, "quantisation")
     if ops is None:
@@ -283,7 +283,7 @@ def quantize_blockwise_blocks(x: torch.Tensor, code: torch.Tensor, blocksize: in
 
 
 def dequantize_blocks(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
-    """Native twin of :func:`~fastlora.kernels.quant4_ref.dequantize_4bit_ref`, de-nesting in the kernel.
+    """Native twin of :func:`~fastlora.quant.ref.dequantize_4bit_ref`, de-nesting in the kernel.
 
     Args:
         packed: ``state.packed_numel`` bytes of packed data (any storage dtype), CPU or CUDA.

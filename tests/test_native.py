@@ -23,7 +23,7 @@ from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora import _alloc, _backend, native
 from fastlora.kernels.lora_ref import lora_linear_ref
-from fastlora.kernels.quant4_ref import _blockwise_lut
+from fastlora.quant.ref import _blockwise_lut
 from fastlora.ops import lora_linear
 from fastlora.quant import QuantState, dequantize_4bit, get_code, quantize_4bit
 from fastlora.quant.codes import get_bounds, get_dynamic_map

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora import _alloc, _backend
+from fastlora import _alloc, dispatch
 from fastlora.aot import KernelSpec, register
 from fastlora.kernels.adapter_ref import ACTIVATIONS, check_activation
 from fastlora.kernels.lora import _mma
@@ -341,10 +341,10 @@ def _down(a, v, v_strides, bias, z, activation, backward, store_z):
         "BACKWARD": backward,
         "STORE_Z": store_z,
         "HAS_BIAS": bias is not None,
-        "FP32_DOT": a.dtype == torch.float32 or _backend.interpreting(),
+        "FP32_DOT": a.dtype == torch.float32 or dispatch.interpreting(),
         "BR": br,
     }
-    if _backend.interpreting():
+    if dispatch.interpreting():
         cfg = DOWN_INTERPRETER_CONFIG.kwargs
         _adapter_down_kernel[(triton.cdiv(m, cfg["BM"]) * triton.cdiv(r, br),)](*args, **flags, **cfg)
     else:
@@ -384,10 +384,10 @@ def _up(p, lw, l_strides, n, bias, res):
     flags = {
         "HAS_BIAS": bias is not None,
         "HAS_RES": res is not None,
-        "FP32_DOT": p.dtype == torch.float32 or _backend.interpreting(),
+        "FP32_DOT": p.dtype == torch.float32 or dispatch.interpreting(),
         "BR": up_r_step(r),
     }
-    if _backend.interpreting():
+    if dispatch.interpreting():
         cfg = UP_INTERPRETER_CONFIG.kwargs
         _adapter_up_kernel[(triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)](*args, **flags, **cfg)
     else:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora import _alloc, _backend
+from fastlora import _alloc, dispatch
 from fastlora.aot import KernelSpec, register
 from fastlora.kernels.quant4 import code_value, load_absmax, round_to_bf16_bits
 from fastlora.quant.state import QuantState
@@ -340,10 +340,10 @@ def _launch(
         "NESTED": nested,
         "HAS_BIAS": bias is not None,
         "HAS_LORA": r > 0,
-        "FP32_DOT": x.dtype == torch.float32 or _backend.interpreting(),
+        "FP32_DOT": x.dtype == torch.float32 or dispatch.interpreting(),
         "BR": BR,
     }
-    if _backend.interpreting():
+    if dispatch.interpreting():
         cfg = INTERPRETER_CONFIG.kwargs
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]),)
         _lora_matmul_kernel[grid](*args, **flags, **cfg)

@@ -1,6 +1,6 @@
 """Triton kernels: blockwise 4-bit (NF4/FP4) quantisation and dequantisation.
 
-The PyTorch reference (the spec) is :mod:`fastlora.kernels.quant4_ref`; both are byte-for-byte
+The PyTorch reference (the spec) is :mod:`fastlora.quant.ref`; both are byte-for-byte
 equal to bitsandbytes. The kernels run on CUDA tensors, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (tests).
 
@@ -155,7 +155,7 @@ _DEQUANT_BLOCK = 1024  # bytes per program (2048 values)
 
 
 def quantize_4bit_triton(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`~fastlora.kernels.quant4_ref.quantize_4bit_ref`.
+    """Triton twin of :func:`~fastlora.quant.ref.quantize_4bit_ref`.
 
     Args:
         w: float tensor (fp32/fp16/bf16), any shape, n elements; made contiguous if needed.
@@ -177,7 +177,7 @@ def quantize_4bit_triton(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
 
 
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`~fastlora.kernels.quant4_ref.dequantize_4bit_ref`, de-nesting in the kernel.
+    """Triton twin of :func:`~fastlora.quant.ref.dequantize_4bit_ref`, de-nesting in the kernel.
 
     Args:
         packed: packed 4-bit data, ``state.packed_numel`` bytes (any storage dtype).

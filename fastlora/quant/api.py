@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastlora import _backend
-from fastlora.kernels.quant4_ref import (
+from fastlora.quant.ref import (
     dequantize_4bit_ref,
     dequantize_blockwise_ref,
     quantize_4bit_ref,
