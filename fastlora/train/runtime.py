@@ -1,13 +1,17 @@
-"""What a fine-tuning run stands on: the process group, the model and tokenizer from a local directory,
-optimiser groups and the learning-rate schedule, RNG state, memory readings."""
+"""What a fine-tuning run stands on: the process group and FSDP2 sharding, the model and tokenizer from a local
+directory, the autocast dtype, optimiser groups and the learning-rate schedule, RNG state, memory readings."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import random
 import resource
+import signal
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,6 +64,64 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def fsdp2_shard(model: nn.Module) -> nn.Module:
+    """FSDP2: shard each transformer block, then the rest (in place; returns ``model``). A 4-bit base stays
+    packed (uint8) and is sharded like any frozen parameter; its small statistics are replicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 before torch 2.13 creates every shard as nn.Parameter(t) (requires_grad=True), which an
+    # integer tensor refuses. So a frozen byte parameter (the packed 4-bit base) is sharded as a
+    # 1-byte float view of the same bytes: its quant_storage, which every 4-bit path reads as bytes.
+    # Done on every torch version, so the path tested is the one that runs.
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.is_floating_point() and not p.requires_grad and p.element_size() == 1:
+                setattr(module, name, nn.Parameter(p.data.view(torch.float8_e4m3fn), requires_grad=False))
+    blocks = [m for name, m in model.named_modules() if name.endswith(tuple(f"layers.{i}" for i in range(999)))
+              or name.endswith(tuple(f"layer.{i}" for i in range(999)))]  # fmt: skip
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def fsdp2_reshard(model: nn.Module) -> None:
+    """Every FSDP2 parameter of ``model`` back to its DTensor shard (the root stays unsharded after forward,
+    holding views of a freed all-gather buffer), so that gathers for saving see whole parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextlib.contextmanager
+def sigint_handler(handler: Callable[[int, Any], None], *, install: bool) -> Iterator[None]:
+    """Within the block, Ctrl-C calls ``handler(signum, frame)`` (when ``install``; never on Windows or off the
+    main thread, where Python refuses signal handlers); the previous handler is restored after it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if install and sys.platform != "win32":
+        with contextlib.suppress(ValueError):  # not the main thread: leave Ctrl-C alone
+            signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(batch_size: int) -> Iterator[None]:
+    """A GPU out-of-memory error in the block becomes a :class:`TrainingError` that says what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(
+            f"fastlora: out of GPU memory at batch size {batch_size} ({e}). Try a smaller --batch-size "
+            "with a larger --grad-accum, --gradient-checkpointing, a shorter --max-length, or --method qlora"
+        ) from e
 
 
 # -- model and data -----------------------------------------------------------------------------
@@ -130,6 +192,16 @@ def load_tokenizer(path: str):
 def model_max_length(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` ("auto": bf16 on a GPU that has it, else fp32) on ``device``;
+    None for fp32 (no autocast)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("fastlora: fp16 mixed precision needs a GPU; use --precision bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # -- optimisation ---------------------------------------------------------------------------------
