@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
-from fastlora.kernels.lora_ref import dropout_keep_mask, lora_linear_ref
+from fastlora.functional import dropout_keep_mask
+from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.ops import lora_linear
 from fastlora.quant import dequantize_4bit, quantize_4bit
 

@@ -8,31 +8,18 @@
     dx = g W + d'(v A)                         (M×K)
 
 ``d`` is inverted dropout on the LoRA path only: ``d(x) = x * keep / (1 - p)``, and ``d'`` the
-same mask applied to a gradient. Run it in float64 for test references; autograd through
-:func:`lora_linear_ref` gives every reference gradient.
+same mask applied to a gradient (:func:`fastlora.functional.apply_dropout`). Run it in float64 for
+test references; autograd through :func:`lora_linear_ref` gives every reference gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
+# apply_dropout is also re-exported here until fastlora/ops/lora.py imports it from fastlora.functional.
+from fastlora.functional import apply_dropout
 
-def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The LoRA-dropout mask as a pure function of ``seed``: bool, True where kept (probability 1 - p).
-
-    Forward and backward regenerate it from the seed, so the mask is never stored.
-    """
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.rand(shape, generator=g, device=device, dtype=torch.float32) >= p
-
-
-def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted dropout ``x * keep / (1 - p)`` with the mask of :func:`dropout_keep_mask`; identity at p = 0."""
-    if p == 0.0:
-        return x
-    keep = dropout_keep_mask(tuple(x.shape), p, seed, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+__all__ = ["apply_dropout", "lora_linear_ref"]
 
 
 def lora_linear_ref(
