@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import DTYPES, FLOOR, id_formatter, rel_error
 
-from fastlora import _alloc, _backend, native
+from fastlora import _alloc, dispatch, native
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.quant.ref import _blockwise_lut
 from fastlora.ops import lora_linear
@@ -141,12 +141,12 @@ def test_fp16_bf16_rounding_bit_identical():
 def test_native_triton_and_reference_agree():
     """The three implementations of the format, on one odd shape (the Triton kernels under the interpreter)."""
     w = torch.randn(37, 129, dtype=torch.bfloat16)
-    results = {b: quantize_4bit(w, "nf4", 32, True, backend=b) for b in ("cuda", "triton", "torch")}
+    results = {b: quantize_4bit(w, "nf4", 32, True, backend=b) for b in ("native", "triton", "torch")}
     for packed, state in results.values():
         assert torch.equal(packed, results["torch"][0])
         assert torch.equal(state.absmax, results["torch"][1].absmax)
     packed, state = results["torch"]
-    outs = [dequantize_4bit(packed, state, torch.float16, backend=b) for b in ("cuda", "triton", "torch")]
+    outs = [dequantize_4bit(packed, state, torch.float16, backend=b) for b in ("native", "triton", "torch")]
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 
 
@@ -160,9 +160,9 @@ def test_storage_dtype_and_strided_input():
 
 def test_cpu_default_backend_is_native():
     """Built and bit-identical, the native kernels serve CPU tensors by default; "torch" stays selectable."""
-    assert _backend.select(torch.zeros(1), op="quantize_4bit", native=("cpu",)) == "cuda"
-    assert _backend.select(torch.zeros(1), "torch", op="quantize_4bit", native=("cpu",)) == "torch"
-    assert _backend.select(torch.zeros(1), op="lora_linear") == "torch"  # no native kernel: unchanged
+    assert dispatch.choose("quantize_4bit", "cpu").backend == "native"
+    assert dispatch.choose("quantize_4bit", "cpu", "torch").backend == "torch"
+    assert dispatch.choose("lora_linear", "cpu", m=1, quantized=False).backend == "torch"  # no native kernel
 
 
 _PORTABLE_SCRIPT = """
@@ -386,7 +386,7 @@ def _op_samples():
 def test_opcheck(index):
     """Schema, fake (meta) implementation and AOT-dispatch checks of torch.library for every op."""
     op, args = _op_samples()[index]
-    native._ops(torch.device("cpu"), "opcheck")  # sync the test poisoning into the extension
+    native.loader.ops(torch.device("cpu"), "opcheck")  # sync the test poisoning into the extension
     torch.library.opcheck(op, args)
 
 
@@ -429,12 +429,12 @@ def test_module_is_current_and_poison_syncs(built):
 
 def test_fallback_without_the_extension(monkeypatch, caplog):
     """Not built: nothing breaks, the public functions fall back to the reference with one
-    warning, and backend="cuda" falls back to Triton/PyTorch."""
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(native, "_reason", "simulated: not built")
-    monkeypatch.setattr(native, "_jit_tried", True)
-    native._warn_once.cache_clear()
-    _backend._warn_once.cache_clear()
+    warning, and backend="native" falls back to Triton/PyTorch."""
+    monkeypatch.setattr(native.loader, "_module", None)
+    monkeypatch.setattr(native.loader, "_reason", "simulated: not built")
+    monkeypatch.setattr(native.loader, "_jit_tried", True)
+    native.loader._warn_once.cache_clear()
+    dispatch._warn_once.cache_clear()
     assert not native.is_built() and native.unavailable_reason() == "simulated: not built"
     w = torch.randn(10, 64)
     with caplog.at_level(logging.WARNING, logger="fastlora"):
@@ -446,10 +446,10 @@ def test_fallback_without_the_extension(monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     # one from the dispatcher (quantize), one from native.gemv_4bit; neither repeats
     assert sum("simulated: not built" in w for w in warnings) == 2, warnings
-    assert _backend.select(torch.zeros(1), "cuda", op="dequantize_4bit", native=("cpu",)) == "triton"
-    assert _backend.select(torch.zeros(1), op="dequantize_4bit", native=("cpu",)) == "torch"
-    native._warn_once.cache_clear()
-    _backend._warn_once.cache_clear()
+    assert dispatch.choose("dequantize_4bit", "cpu", "native").backend == "triton"
+    assert dispatch.choose("dequantize_4bit", "cpu").backend == "torch"
+    native.loader._warn_once.cache_clear()
+    dispatch._warn_once.cache_clear()
 
 
 def test_stale_or_disabled_build_is_refused(monkeypatch):
@@ -458,13 +458,13 @@ def test_stale_or_disabled_build_is_refused(monkeypatch):
         def source_hash():
             return "0" * 16
 
-    monkeypatch.setattr(native, "_build_config", lambda: Stale())
-    module, reason = native._import_built()
+    monkeypatch.setattr(native.loader, "_build_config", lambda: Stale())
+    module, reason = native.loader._import_built()
     assert module is None and "stale build" in reason and "build_ext --inplace" in reason
-    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native.loader, "_module", None)
     monkeypatch.setenv("FASTLORA_NO_EXT", "1")
     assert native.load() is None and native.unavailable_reason() == "FASTLORA_NO_EXT is set"
-    assert not native.is_built() and native._reason is None  # nothing tried: unsetting it loads again
+    assert not native.is_built() and native.loader._reason is None  # nothing tried: unsetting it loads again
 
 
 @pytest.mark.slow
@@ -668,11 +668,11 @@ def test_cuda_dequantize_bit_identical(cuda_native, quant_type, double_quant):
         packed, state = quantize_4bit(w, quant_type, bs, double_quant, backend="torch")
         for out_dtype in DTYPES:
             want = dequantize_4bit(packed, state, out_dtype, backend="torch")
-            got = native.dequantize_4bit(packed.cuda(), state.to("cuda"), out_dtype)
+            got = dequantize_4bit(packed.cuda(), state.to("cuda"), out_dtype, backend="native")
             assert torch.equal(got.cpu(), want), (shape, out_dtype)
             # an unaligned view of the packed bytes takes the byte-wise path
             shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), packed.view(-1)]).cuda()[1:]
-            assert torch.equal(native.dequantize_4bit(shifted, state.to("cuda"), out_dtype).cpu(), want)
+            assert torch.equal(dequantize_4bit(shifted, state.to("cuda"), out_dtype, backend="native").cpu(), want)
 
 
 @pytest.mark.gpu
@@ -682,7 +682,7 @@ def test_cuda_fp16_bf16_rounding_bit_identical(cuda_native):
     state = QuantState(values, torch.Size((values.numel() * bs,)), torch.float32, bs, "nf4", get_code("nf4"))
     packed = torch.full((values.numel() * bs // 2,), 0xFF, dtype=torch.uint8)
     for out_dtype in (torch.float16, torch.bfloat16):
-        got = native.dequantize_4bit(packed.cuda(), state.to("cuda"), out_dtype).view(-1, bs).cpu()
+        got = dequantize_4bit(packed.cuda(), state.to("cuda"), out_dtype, backend="native").view(-1, bs).cpu()
         assert torch.equal(got, values.to(out_dtype)[:, None].expand(-1, bs)), out_dtype
 
 
@@ -729,8 +729,8 @@ def test_cuda_merge_and_lora_linear_decode(cuda_native, dtype, monkeypatch):
     ref = native.merge_4bit_ref(packed, state, a, b, 0.5, torch.float64, compute_dtype=torch.float64)
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, dtype, compute_dtype=dtype)
     assert rel_error(got, ref) <= 2 * rel_error(own, ref) + FLOOR[dtype]
-    # lora_linear at M = 4 with FASTLORA_BACKEND=cuda: the native GEMV, checked against float64
-    monkeypatch.setenv("FASTLORA_BACKEND", "cuda")
+    # lora_linear at M = 4 with FASTLORA_BACKEND=native: the native GEMV, checked against float64
+    monkeypatch.setenv("FASTLORA_BACKEND", "native")
     x, a = torch.randn(4, k, device="cuda").to(dtype), a / k**0.5
     y = lora_linear(x, packed, None, a, b, 2.0, quant_state=state)
     w_ref = dequantize_4bit(packed, state, torch.float32).double()

@@ -15,7 +15,7 @@ quantisation, r = 16, s = 2):
     The GB/s column against the measured copy bandwidth is the figure of merit here.
 
 Suite "dequant" (run with the decode suite): NF4 (K, N) -> dense, fastlora (Triton on a GPU, torch on a
-CPU; "fastlora-native" with ``backend="cuda"`` where the native extension is built) vs
+CPU; "fastlora-native" with ``backend="native"`` where the native extension is built) vs
 ``bitsandbytes.functional.dequantize_4bit`` vs a device copy of the dense weight. Bytes = packed +
 statistics + the dense output (copy: 2x the output).
 Every output must equal fastlora's torch reference bit for bit.
@@ -203,7 +203,7 @@ def _dequant_impl(name, packed, state, expected, moved, out_bytes) -> tuple[Call
         return (lambda: dequantize_4bit(packed, state, dtype)), moved
     if name == "fastlora-native":
         native_module(packed.device)
-        return (lambda: dequantize_4bit(packed, state, dtype, backend="cuda")), moved
+        return (lambda: dequantize_4bit(packed, state, dtype, backend="native")), moved
     if name == "bitsandbytes":
         try:
             import bitsandbytes.functional as bnb_f

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastlora.ops.lora import lora_linear
+from fastlora.ops.quant import merge_4bit
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
 _INITS = ("kaiming", "gaussian", "none")
@@ -263,6 +264,19 @@ class FastLoRALinear(nn.Module):
         return self.adapter.delta_weight()
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """(out_features, in_features) fp32 ``W + s · B A`` of the active adapter, W dequantised if 4-bit.
+
+        A 4-bit W goes through the merge op (the native kernel where built: one pass over the
+        packed weight, no dequantised copy of W beside the result).
+        """
+        if self.quant_state is None:
+            return self.weight.float() + self.delta_weight()
+        a = self.adapter
+        return merge_4bit(self.weight, self.quant_state, a.lora_A.detach().float(), a.lora_B.detach().float(),
+                          a.scaling, torch.float32)  # fmt: skip
+
+    @torch.no_grad()
     def merge(self, *, requantize: bool = False, keep_original: bool = True) -> dict[str, float]:
         """Fold ``s · B A`` into the base weight; the forward becomes the plain (4-bit) linear.
 
@@ -276,13 +290,12 @@ class FastLoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("FastLoRALinear.merge: already merged")
-        delta, report = self.delta_weight(), {}
+        merged, report = self.merged_weight(), {}
         self._stash = (self.weight.data, self.quant_state) if keep_original else None
         if self.quant_state is None:
-            self.weight.data = (self.weight.float() + delta).to(self.weight.dtype)
+            self.weight.data = merged.to(self.weight.dtype)
         else:
             state = self.quant_state
-            merged = dequantize_4bit(self.weight, state, torch.float32) + delta
             if requantize:
                 packed, new_state = quantize_4bit(merged.to(state.dtype), state.quant_type, state.blocksize,
                                                   state.nested is not None)  # fmt: skip

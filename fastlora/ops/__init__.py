@@ -1,6 +1,12 @@
-"""Ops: ``torch.library`` custom ops that choose a kernel per device, with autograd and fake shapes."""
+"""Ops: ``torch.library`` custom ops with autograd and fake shapes, and each op's dispatch table.
 
+Importing this package registers every kernel implementation in :mod:`fastlora.dispatch`
+(``fastlora`` imports it), so :func:`fastlora.dispatch.choose` sees the whole table.
+"""
+
+from fastlora.ops import quant  # noqa: F401  (registers the 4-bit kernels)
 from fastlora.ops.adapter import adapter_forward
 from fastlora.ops.lora import lora_linear
+from fastlora.ops.quant import merge_4bit
 
-__all__ = ["adapter_forward", "lora_linear"]
+__all__ = ["adapter_forward", "lora_linear", "merge_4bit"]

@@ -24,17 +24,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlora import _backend
+from fastlora import dispatch
+from fastlora.kernels import adapter as adapter_kernels
 from fastlora.kernels.adapter_ref import ACTIVATIONS, activation_grad, apply_activation, check_activation
 from fastlora.kernels.lora_ref import apply_dropout
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OP = "adapter"  # forward: (x, w_down, b_down, w_up, b_up, res, activation, dropout_p, seed, save_z) -> (y, z)
+OP_BWD = "adapter_backward"  # (grad, w_down, w_up, z, activation, dropout_p, seed, serial, need_dx) -> (dz, h, dx)
 
 
 def _act_grad_mul(dh: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
     """``dh ⊙ act'(z)`` evaluated in fp32 (at least), in dh's dtype."""
     compute = torch.promote_types(z.dtype, torch.float32)
     return (dh.to(compute) * activation_grad(z.to(compute), activation)).to(dh.dtype)
+
+
+# -- the dispatch tables --------------------------------------------------------------------------
+
+
+@dispatch.register(OP, "triton", devices=("cuda",), default_on=("cuda",))
+def _fwd_triton(x, w_down, b_down, w_up, b_up, res, activation, dropout_p, seed, save_z):
+    """Down GEMM with bias and activation in its epilogue; up GEMM with bias and residual in its epilogue."""
+    h, z = adapter_kernels.adapter_down_triton(x, w_down, b_down, activation, save_z)
+    return adapter_kernels.adapter_up_triton(apply_dropout(h, dropout_p, seed), w_up, b_up, res), z
+
+
+@dispatch.register(OP, "torch")
+def _fwd_torch(x, w_down, b_down, w_up, b_up, res, activation, dropout_p, seed, save_z):
+    z = F.linear(x, w_down, b_down)
+    return res + F.linear(apply_dropout(apply_activation(z, activation), dropout_p, seed), w_up, b_up), z
+
+
+@dispatch.register(OP_BWD, "triton", devices=("cuda",), default_on=("cuda",))
+def _bwd_triton(grad, w_down, w_up, z, activation, dropout_p, seed, serial, need_dx):
+    """dz = (g W_up) ⊙ act'(z) with h recomputed, in one kernel; dx = dz W_down (+ g) in another."""
+    dz, h = adapter_kernels.adapter_dz_triton(grad, w_up, z, activation)
+    dz = apply_dropout(dz, dropout_p, seed)  # the mask commutes with ⊙ act'(z)
+    dx = adapter_kernels.adapter_dx_triton(dz, w_down, grad if serial else None) if need_dx else None
+    return dz, h, dx
+
+
+@dispatch.register(OP_BWD, "torch")
+def _bwd_torch(grad, w_down, w_up, z, activation, dropout_p, seed, serial, need_dx):
+    h = apply_activation(z, activation)
+    dz = apply_dropout(_act_grad_mul(grad @ w_up, z, activation), dropout_p, seed)
+    dx = ((grad + dz @ w_down) if serial else dz @ w_down) if need_dx else None
+    return dz, h, dx
 
 
 @torch.library.custom_op("fastlora::adapter", mutates_args=())
@@ -52,14 +88,8 @@ def _adapter_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     res = x if residual is None else residual
-    if backend == "triton":
-        from fastlora.kernels.adapter import adapter_down_triton, adapter_up_triton
-
-        h, z = adapter_down_triton(x, w_down, b_down, activation, save_z)
-        y = adapter_up_triton(apply_dropout(h, dropout_p, seed), w_up, b_up, res)
-    else:
-        z = F.linear(x, w_down, b_down)
-        y = res + F.linear(apply_dropout(apply_activation(z, activation), dropout_p, seed), w_up, b_up)
+    y, z = dispatch.choose(OP, x.device, backend).fn(x, w_down, b_down, w_up, b_up, res, activation, dropout_p, seed,
+                                                      save_z)  # fmt: skip
     return y, (z if save_z else x.new_empty((0,)))
 
 
@@ -89,16 +119,9 @@ def _adapter_backward_op(
     def none():  # a fresh placeholder per output: custom-op outputs may not alias each other
         return x.new_empty((0,))
 
-    if backend == "triton":
-        from fastlora.kernels.adapter import adapter_dx_triton, adapter_dz_triton
-
-        dz, h = adapter_dz_triton(grad, w_up, z, activation)
-        dz = apply_dropout(dz, dropout_p, seed)  # the mask commutes with ⊙ act'(z)
-        dx = adapter_dx_triton(dz, w_down, grad if serial else None) if need_dx else none()
-    else:
-        h = apply_activation(z, activation)
-        dz = apply_dropout(_act_grad_mul(grad @ w_up, z, activation), dropout_p, seed)
-        dx = ((grad + dz @ w_down) if serial else dz @ w_down) if need_dx else none()
+    dz, h, dx = dispatch.choose(OP_BWD, grad.device, backend).fn(grad, w_down, w_up, z, activation, dropout_p, seed,
+                                                                  serial, need_dx)  # fmt: skip
+    dx = dx if need_dx else none()
     h = apply_dropout(h, dropout_p, seed)
     return (
         dx,
@@ -194,15 +217,15 @@ def adapter_forward(
         activation: one of ``"relu"``, ``"gelu"`` (exact erf, as ``nn.GELU()``), ``"gelu_tanh"``, ``"silu"``.
         residual: None for the serial adapter (res = x, Houlsby/Pfeiffer), or (..., d) like x for
             the parallel adapter (res = e.g. the output of the module the adapter runs beside).
-        backend: "torch", "triton" or "cuda"; default ``FASTLORA_BACKEND``, else by device (see
-            :func:`fastlora._backend.select`).
+        backend: "torch" or "triton" ("native" falls back: no native adapter kernel); default
+            ``FASTLORA_BACKEND``, else by device (see :mod:`fastlora.dispatch`).
         dropout_p: inverted dropout on the bottleneck activation, in [0, 1); the mask is a function of ``seed``.
 
     Returns:
         (..., d) in x's dtype. Differentiable in x, all four weights and residual.
     """
     _check(x, w_down, b_down, w_up, b_up, residual, activation, dropout_p)
-    chosen = _backend.select(x, backend, op="adapter")
+    chosen = dispatch.choose(OP, x.device, backend).backend
     if x.dtype not in _DTYPES and not (chosen == "torch" and x.dtype == torch.float64):
         raise TypeError(
             f"fastlora adapter: x must be float32/float16/bfloat16 (float64 on the torch backend), got {x.dtype} "

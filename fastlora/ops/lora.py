@@ -14,33 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from fastlora import _backend
+from fastlora import dispatch, native
+from fastlora.kernels import lora as lora_kernels
 from fastlora.kernels.lora_ref import apply_dropout
-from fastlora.quant import QUANT_TYPES, QuantState, dequantize_4bit, get_code
-from fastlora.quant.state import NestedState
+from fastlora.quant import QuantArgs, QuantState, dequantize_4bit
 
-# quant = [kind, blocksize, rows, cols]; kind 0 = dense weight, 1 = nf4, 2 = fp4.
-_KINDS = ("dense", *QUANT_TYPES)
-MAX_DECODE_M = 16  # rows of x up to which a 4-bit forward is a decode GEMV (native backend)
-
-
-def _state(weight, absmax, nested_absmax, nested_code, quant, nested_offset) -> QuantState | None:
-    kind, blocksize, rows, cols = quant
-    if kind == 0:
-        return None
-    qt = _KINDS[kind]
-    nested = None
-    if nested_absmax is not None:
-        nested = NestedState(absmax=nested_absmax, code=nested_code, offset=nested_offset)
-    return QuantState(
-        absmax=absmax,
-        shape=torch.Size((rows, cols)),
-        dtype=torch.bfloat16,
-        blocksize=blocksize,
-        quant_type=qt,
-        code=get_code(qt, weight.device),
-        nested=nested,
-    )
+OP = "lora_linear"  # forward: y = x Wᵀ + b + s·u Bᵀ
+OP_DX = "lora_linear_dx"  # backward input gradient: dx = g W (+ v A)
 
 
 def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
@@ -50,6 +30,56 @@ def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.d
     if state is None:
         return weight
     return dequantize_4bit(weight, state, dtype, backend=None if weight.device.type == "cpu" else "torch")
+
+
+# -- the dispatch tables: forward (x, weight, state, bias, u, lora_b, scale) -> y ------------------
+
+
+def _decode_only(facts) -> str | None:
+    if not facts["quantized"]:
+        return "the native GEMV takes a 4-bit weight"
+    if facts["m"] > native.MAX_DECODE_M:
+        return f"the native GEMV takes at most {native.MAX_DECODE_M} rows, got {facts['m']}"
+    return None
+
+
+@dispatch.register(OP, "native", devices=("cpu", "cuda"), default_on=("cpu",), when=_decode_only,
+                   available=native.unavailable_reason)  # fmt: skip
+def _fwd_native(x, weight, state, bias, u, lora_b, scale):
+    """Decode: W read once, dequantised in registers, s·u Bᵀ added in the epilogue (u carries the dropout)."""
+    with_lora = lora_b.shape[1] > 0  # r = 0: the base alone (a disabled or merged adapter)
+    return native.gemv_4bit(x, weight, state, bias, lora_b=lora_b if with_lora else None,
+                            lora_u=u if with_lora else None, scale=scale)  # fmt: skip
+
+
+@dispatch.register(OP, "triton", devices=("cuda",), default_on=("cuda",))
+def _fwd_triton(x, weight, state, bias, u, lora_b, scale):
+    """One GEMM over ``[x | s·u]·[Wᵀ ; Bᵀ]``, a 4-bit W dequantised tile by tile."""
+    return lora_kernels.lora_fwd_triton(x, weight, state, bias, u * scale, lora_b)
+
+
+@dispatch.register(OP, "torch")
+def _fwd_torch(x, weight, state, bias, u, lora_b, scale):
+    y = torch.nn.functional.linear(x, _dense_weight(weight, state, x.dtype), bias)
+    return y + (u * scale) @ lora_b.T
+
+
+# backward input gradient (grad, weight, state, v, lora_a) -> g W + v A (v A skipped when v is None)
+
+
+@dispatch.register(OP_DX, "triton", devices=("cuda",), default_on=("cuda",))
+def _dx_triton(grad, weight, state, v, lora_a):
+    """One GEMM over ``[g | v]·[W ; A]``."""
+    return lora_kernels.lora_bwd_dx_triton(grad, weight, state, v, lora_a)
+
+
+@dispatch.register(OP_DX, "torch")
+def _dx_torch(grad, weight, state, v, lora_a):
+    grad_x = grad @ _dense_weight(weight, state, grad.dtype)
+    return grad_x if v is None else grad_x + v @ lora_a
+
+
+# -- the custom ops -----------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastlora::lora_linear", mutates_args=())
@@ -62,41 +92,27 @@ def _lora_linear_op(
     absmax: torch.Tensor | None,
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
-    quant: list[int],
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
     nested_offset: float,
     scale: float,
     dropout_p: float,
     seed: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    state = _state(weight, absmax, nested_absmax, nested_code, quant, nested_offset)
+    state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+                                    nested_offset)  # fmt: skip
     u = apply_dropout(x, dropout_p, seed) @ lora_a.T
-    # Decode (a 4-bit weight, at most MAX_DECODE_M rows): fastlora's native GEMV reads W once and
-    # adds s·u Bᵀ in its epilogue (u carries the dropout). Default on CPU; on CUDA when requested.
-    native = ("cpu", "cuda") if state is not None and x.shape[0] <= MAX_DECODE_M else ()
-    backend = _backend.select(x, op="lora_linear", native=native)
-    if backend == "cuda":
-        from fastlora import native as native_kernels
-
-        with_lora = lora_b.shape[1] > 0  # r = 0: the base alone (a disabled or merged adapter)
-        y = native_kernels.gemv_4bit(
-            x, weight, state, bias, lora_b=lora_b if with_lora else None, lora_u=u if with_lora else None, scale=scale
-        )
-    elif backend == "triton":
-        from fastlora.kernels.lora import lora_fwd_triton
-
-        y = lora_fwd_triton(x, weight, state, bias, u * scale, lora_b)
-    else:
-        y = torch.nn.functional.linear(x, _dense_weight(weight, state, x.dtype), bias)
-        y = y + (u * scale) @ lora_b.T
-    return y, u
+    choice = dispatch.choose(OP, x.device, backend or None, m=x.shape[0], quantized=state is not None)
+    return choice.fn(x, weight, state, bias, u, lora_b, scale), u
 
 
 @_lora_linear_op.register_fake
-def _(
-    x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, quant, nested_offset, scale, dropout_p, seed
-):
-    n = quant[2] if quant[0] else weight.shape[0]
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], lora_a.shape[0]))
+def _(x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+      nested_offset, scale, dropout_p, seed, backend):  # fmt: skip
+    return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
 @torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
@@ -110,59 +126,55 @@ def _lora_linear_backward_op(
     absmax: torch.Tensor | None,
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
-    quant: list[int],
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
     nested_offset: float,
     scale: float,
     dropout_p: float,
     seed: int,
+    backend: str,
     needs_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    state = _state(weight, absmax, nested_absmax, nested_code, quant, nested_offset)
+    state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+                                    nested_offset)  # fmt: skip
     v = (grad @ lora_b) * scale
     grad_b = (grad.T @ u) * scale
     grad_a = v.T @ apply_dropout(x, dropout_p, seed)
     if not needs_dx:
         return x.new_empty((0,)), grad_a, grad_b
-    triton_path = _backend.select(grad, op="lora_linear backward") == "triton"
     fused = dropout_p == 0.0  # with dropout, v A needs the mask applied before it is added
-    if triton_path:
-        from fastlora.kernels.lora import lora_bwd_dx_triton
-
-        grad_x = lora_bwd_dx_triton(grad, weight, state, v if fused else None, lora_a if fused else None)
-    else:
-        grad_x = grad @ _dense_weight(weight, state, grad.dtype)
-        if fused:
-            grad_x = grad_x + v @ lora_a
+    choice = dispatch.choose(OP_DX, grad.device, backend or None, m=grad.shape[0], quantized=state is not None)
+    grad_x = choice.fn(grad, weight, state, v if fused else None, lora_a if fused else None)
     if not fused:
         grad_x = grad_x + apply_dropout(v @ lora_a, dropout_p, seed)
     return grad_x, grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant, nested_offset, scale, dropout_p,
-      seed, needs_dx):  # fmt: skip
+def _(grad, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+      nested_offset, scale, dropout_p, seed, backend, needs_dx):  # fmt: skip
     grad_x = torch.empty_like(x) if needs_dx else x.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, quant, nested_offset, scale, p, seed = inputs
+    x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, *rest = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], absmax, nested_absmax, nested_code)
-    ctx.args = (quant, nested_offset, scale, p, seed)
+    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, dropout_p, seed, backend
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, grad_y, grad_u):
-    x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code = ctx.saved_tensors
-    quant, nested_offset, scale, p, seed = ctx.args
+    saved = ctx.saved_tensors
     grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y
-    grad_x, grad_a, grad_b = torch.ops.fastlora.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant, nested_offset, scale, p, seed,
-        ctx.needs_input_grad[0],
-    )  # fmt: skip
+    grad_x, grad_a, grad_b = torch.ops.fastlora.lora_linear_backward(grad_y, *saved, *ctx.args,
+                                                                     ctx.needs_input_grad[0])  # fmt: skip
     grad_bias = grad_y.sum(0) if ctx.bias_grad else None
     grad_x = grad_x if ctx.needs_input_grad[0] else None
-    return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None, None
+    # no gradient for weight, the three statistics tensors and the non-tensor arguments
+    return grad_x, None, grad_bias, grad_a, grad_b, *[None] * (3 + len(ctx.args))
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -179,6 +191,7 @@ def lora_linear(
     quant_state: QuantState | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``x Wᵀ + b + scale · d(x) Aᵀ Bᵀ`` with W frozen (dense, or 4-bit with ``quant_state``).
 
@@ -190,6 +203,8 @@ def lora_linear(
         scale: the LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA).
         quant_state: the :class:`QuantState` of a 4-bit (N, K) weight.
         dropout_p: LoRA dropout probability in [0, 1); the mask is a function of ``seed``.
+        backend: "torch", "triton" or "native" for every pass of this call; default
+            ``FASTLORA_BACKEND``, else by device and size (see :mod:`fastlora.dispatch`).
 
     Returns:
         (..., N) in x's dtype. Differentiable in x, bias, lora_a and lora_b.
@@ -198,17 +213,8 @@ def lora_linear(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if quant_state is None:
-        quant, absmax, nested_absmax, nested_code, offset = [0, 0, *weight.shape], None, None, None, 0.0
-    else:
-        quant = [_KINDS.index(quant_state.quant_type), quant_state.blocksize, *quant_state.shape]
-        absmax = quant_state.absmax
-        nested = quant_state.nested
-        nested_absmax = nested.absmax if nested is not None else None
-        nested_code = nested.code if nested is not None else None
-        offset = nested.offset if nested is not None else 0.0
-    y, _ = torch.ops.fastlora.lora_linear(
-        x2, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, quant, offset, float(scale),
-        float(dropout_p), int(seed),
-    )  # fmt: skip
+    quant = QuantArgs.dense(weight) if quant_state is None else quant_state.op_args()
+    dispatch.requested_backend(backend, op=OP)  # an unknown name fails here, not inside the op
+    y, _ = torch.ops.fastlora.lora_linear(x2, weight, bias, lora_a, lora_b, *quant, float(scale), float(dropout_p),
+                                          int(seed), backend or "")  # fmt: skip
     return y.view(*lead, y.shape[-1])

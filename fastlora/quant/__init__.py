@@ -2,12 +2,13 @@
 
 from fastlora.quant.api import absmax_fp32, dequantize_4bit, quantize_4bit
 from fastlora.quant.codes import BLOCKSIZES, QUANT_TYPES, get_code, get_dynamic_map
-from fastlora.quant.state import NestedState, QuantState
+from fastlora.quant.state import NestedState, QuantArgs, QuantState
 
 __all__ = [
     "BLOCKSIZES",
     "QUANT_TYPES",
     "NestedState",
+    "QuantArgs",
     "QuantState",
     "absmax_fp32",
     "dequantize_4bit",

@@ -1,17 +1,26 @@
-"""Public 4-bit API: ``quantize_4bit`` and ``dequantize_4bit``, dispatching to a backend."""
+"""Public 4-bit API: ``quantize_4bit`` and ``dequantize_4bit``: checks, then the op's implementation.
+
+The implementations live in :mod:`fastlora.dispatch`'s tables: the PyTorch reference
+(:mod:`fastlora.quant.ref`) is registered here, the Triton and native kernels by
+:mod:`fastlora.ops.quant` (imported with fastlora), so this layer imports nothing above it.
+Every implementation of ``quantize_4bit`` maps ``(w, quant_type, blocksize)`` to
+``(packed (ceil(n/2),) uint8, absmax (nblocks,) fp32)``; of ``quantize_blockwise``
+``(x, code, blocksize)`` to ``(q (n,) uint8, absmax fp32)``; of ``dequantize_4bit``
+``(packed, state, out_dtype)`` to a tensor of ``state.shape``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from fastlora import _backend
+from fastlora import dispatch
+from fastlora.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code, get_dynamic_map
 from fastlora.quant.ref import (
     dequantize_4bit_ref,
     dequantize_blockwise_ref,
     quantize_4bit_ref,
     quantize_blockwise_ref,
 )
-from fastlora.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code, get_dynamic_map
 from fastlora.quant.state import NestedState, QuantState
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,9 +43,9 @@ def quantize_4bit(
         blocksize: 32, 64, 128, 256, 512, 1024, 2048 or 4096 values per absmax.
         double_quant: quantise the absmax statistics to 8 bits (bitsandbytes' compress_statistics).
         quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bf16 for FSDP).
-        backend: "torch", "triton" or "cuda" (native; CPU tensors only, elsewhere it falls back
-            with a warning); default by device (see :mod:`fastlora._backend`): the native kernels
-            for CPU tensors when built (bit-identical to the PyTorch reference), else the reference.
+        backend: "torch", "triton" or "native" (CPU tensors only, elsewhere it falls back with a
+            warning); default by device (see :mod:`fastlora.dispatch`): the native kernels for CPU
+            tensors when built (bit-identical to the PyTorch reference), else the reference.
 
     Returns:
         packed: (ceil(n / 2) / itemsize(quant_storage), 1) tensor of ``quant_storage``.
@@ -60,29 +69,20 @@ def quantize_4bit(
         )
     if w.is_meta:  # shapes only: meta-device model construction
         return _quantize_meta(w, quant_type, blocksize, double_quant, quant_storage)
-    choice = _backend.select(w, backend, op="quantize_4bit", native=("cpu",))
-    if choice != "cuda":
+    choice = dispatch.choose("quantize_4bit", w.device, backend)
+    native = choice.backend == "native"
+    if not native:  # the native kernel's absmax propagates NaN/Inf: checked after, more cheaply
         _check_finite(w)
-    quantize_blockwise = quantize_blockwise_ref
-    if choice == "triton":
-        from fastlora.kernels.quant4 import quantize_4bit_triton
-
-        packed, absmax = quantize_4bit_triton(w, quant_type, blocksize)
-    elif choice == "cuda":  # native CPU kernels (csrc/cpu), bit-identical to the reference
-        from fastlora import native
-
-        packed, absmax = native.quantize_4bit_blocks(w, quant_type, blocksize)
-        if not torch.isfinite(absmax).all():  # the kernel's absmax propagates NaN/Inf: a cheap check
-            _check_finite(w)
-        quantize_blockwise = native.quantize_blockwise_blocks
-    else:
-        packed, absmax = quantize_4bit_ref(w, quant_type, blocksize)
-
+    packed, absmax = choice.fn(w, quant_type, blocksize)
+    if native and not torch.isfinite(absmax).all():
+        _check_finite(w)
     nested = None
     if double_quant:
         offset = absmax.mean()
         code2 = get_dynamic_map(w.device)
-        absmax, absmax2 = quantize_blockwise(absmax - offset, code2, NESTED_BLOCKSIZE)
+        # the statistics go through the native kernel when the weights did, else the reference
+        blockwise = dispatch.choose("quantize_blockwise", w.device, "native" if native else "torch")
+        absmax, absmax2 = blockwise.fn(absmax - offset, code2, NESTED_BLOCKSIZE)
         nested = NestedState(absmax=absmax2, code=code2, offset=float(offset), blocksize=NESTED_BLOCKSIZE)
     state = QuantState(
         absmax=absmax,
@@ -141,8 +141,8 @@ def dequantize_4bit(
         state: its :class:`QuantState`, on the same device.
         out_dtype: fp32, fp16 or bf16; default ``state.dtype``. Values are computed in fp32 and
             rounded to nearest-even.
-        backend: "torch", "triton" or "cuda" (native, CPU and CUDA tensors); default by device
-            (see :mod:`fastlora._backend`).
+        backend: "torch", "triton" or "native" (CPU and CUDA tensors); default by device
+            (see :mod:`fastlora.dispatch`).
 
     Returns:
         Tensor of ``state.shape`` and ``out_dtype``.
@@ -153,13 +153,19 @@ def dequantize_4bit(
     out_dtype = out_dtype or state.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize_4bit: out_dtype must be float32/float16/bfloat16, got {out_dtype}")
-    choice = _backend.select(packed, backend, op="dequantize_4bit", native=("cpu", "cuda"))
-    if choice == "triton":
-        from fastlora.kernels.quant4 import dequantize_4bit_triton
+    return dispatch.choose("dequantize_4bit", packed.device, backend).fn(packed, state, out_dtype)
 
-        return dequantize_4bit_triton(packed, state, out_dtype)
-    if choice == "cuda":  # native kernels (csrc/), bit-identical to the reference
-        from fastlora import native
 
-        return native.dequantize_blocks(packed, state, out_dtype)
+@dispatch.register("quantize_4bit", "torch")
+def _quantize_torch(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_4bit_ref(w, quant_type, blocksize)
+
+
+@dispatch.register("quantize_blockwise", "torch")
+def _quantize_blockwise_torch(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise_ref(x, code, blocksize)
+
+
+@dispatch.register("dequantize_4bit", "torch")
+def _dequantize_torch(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit_ref(packed, absmax_fp32(state), state.code, state.blocksize, tuple(state.shape), out_dtype)

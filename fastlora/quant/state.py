@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,29 @@ class NestedState:
     code: torch.Tensor
     offset: float
     blocksize: int = NESTED_BLOCKSIZE
+
+
+class QuantArgs(NamedTuple):
+    """A weight's quantisation as flat ``torch.library`` op arguments (schema types only).
+
+    The one codec between :class:`QuantState` and the ops: :meth:`QuantState.op_args` encodes,
+    :meth:`QuantState.from_op_args` decodes. A dense weight is ``quant_type=""`` with no tensors.
+    The code table is not carried: the kernels use the standard NF4/FP4 tables, rebuilt on decode.
+    """
+
+    absmax: torch.Tensor | None
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    quant_type: str
+    blocksize: int
+    shape: list[int]
+    dtype: torch.dtype
+    nested_offset: float
+
+    @classmethod
+    def dense(cls, weight: torch.Tensor) -> QuantArgs:
+        """The arguments of a dense (N, K) ``weight``."""
+        return cls(None, None, None, "", 0, list(weight.shape), weight.dtype, 0.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,6 +118,40 @@ class QuantState:
         if self.nested is not None:
             total += self.nested.absmax.numel() * 4 + self.nested.code.numel() * 4 + 4
         return total
+
+    def op_args(self) -> QuantArgs:
+        """This state as flat op arguments (the inverse of :meth:`from_op_args`)."""
+        nested = self.nested
+        return QuantArgs(
+            absmax=self.absmax,
+            nested_absmax=None if nested is None else nested.absmax,
+            nested_code=None if nested is None else nested.code,
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            shape=list(self.shape),
+            dtype=self.dtype,
+            nested_offset=0.0 if nested is None else float(nested.offset),
+        )
+
+    @classmethod
+    def from_op_args(
+        cls,
+        absmax: torch.Tensor | None,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        quant_type: str,
+        blocksize: int,
+        shape: list[int],
+        dtype: torch.dtype,
+        nested_offset: float,
+    ) -> QuantState | None:
+        """The state that :meth:`op_args` encoded, or None for a dense weight (``quant_type=""``)."""
+        if not quant_type:
+            return None
+        nested = None
+        if nested_absmax is not None:
+            nested = NestedState(absmax=nested_absmax, code=nested_code, offset=nested_offset)
+        return cls(absmax, torch.Size(shape), dtype, blocksize, quant_type, get_code(quant_type, absmax.device), nested)
 
     def check_code_table(self, *, where: str = "QuantState") -> None:
         """The kernels use the standard NF4/FP4 tables in registers: reject any other ``quant_map``."""
