@@ -1,23 +1,28 @@
 """fastlora: kernel-optimised LoRA/QLoRA for PyTorch."""
 
-from fastlora.adapters import LoraConfig, LoraModel, inject, load
-from fastlora.modules import FastAdapter, FastLoRALinear
-from fastlora.ops import adapter_forward, lora_linear
-from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
-from fastlora.strategies import (
+import importlib
+
+from fastlora.methods import (
     AdapterConfig,
+    LoraConfig,
+    LoraModel,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
     discriminative_param_groups,
     feature_extraction,
     full_finetune,
+    inject,
     inject_adapters,
     inject_prompt,
+    load,
     load_adapters,
     load_prompt,
     loraplus_param_groups,
 )
+from fastlora.modules import FastAdapter, FastLoRALinear
+from fastlora.ops import adapter_forward, lora_linear
+from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
 
@@ -47,3 +52,13 @@ __all__ = [
     "loraplus_param_groups",
     "quantize_4bit",
 ]
+
+# The packages the methods lived in before fastlora.methods: still ``fastlora.adapters.X`` /
+# ``fastlora.strategies.X`` after ``import fastlora``, imported on first use (nothing in fastlora needs them).
+_SHIMS = ("adapters", "strategies")
+
+
+def __getattr__(name: str):
+    if name in _SHIMS:
+        return importlib.import_module(f"fastlora.{name}")
+    raise AttributeError(f"module 'fastlora' has no attribute {name!r}")

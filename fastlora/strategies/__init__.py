@@ -1,7 +1,8 @@
-"""Fine-tuning strategies beyond LoRA: bottleneck adapters, prompt/prefix tuning, full FT, feature extraction."""
+"""Backward-compatibility shim: the fine-tuning methods beyond LoRA live in :mod:`fastlora.methods`
+(bottleneck/, prompt/, full.py). Old imports keep working; nothing inside fastlora imports this package."""
 
-from fastlora.strategies.bottleneck import AdapterConfig, AdapterModel, inject_adapters, load_adapters
-from fastlora.strategies.full import (
+from fastlora.methods.bottleneck import AdapterConfig, AdapterModel, inject_adapters, load_adapters
+from fastlora.methods.full import (
     TrainableReport,
     discriminative_param_groups,
     feature_extraction,
@@ -12,7 +13,7 @@ from fastlora.strategies.full import (
     save_trainable,
     trainable_report,
 )
-from fastlora.strategies.prompt import (
+from fastlora.methods.prompt import (
     PrefixTuningConfig,
     PromptModel,
     PromptTuningConfig,
@@ -21,6 +22,7 @@ from fastlora.strategies.prompt import (
     load_prompt,
     prefix_from_tokens,
 )
+from fastlora.strategies import bottleneck, full, prompt, prompt_io
 
 __all__ = [
     "AdapterConfig",
@@ -30,8 +32,10 @@ __all__ = [
     "PromptModel",
     "PromptTuningConfig",
     "TrainableReport",
+    "bottleneck",
     "discriminative_param_groups",
     "feature_extraction",
+    "full",
     "full_finetune",
     "inject_adapters",
     "inject_prompt",
@@ -41,6 +45,8 @@ __all__ = [
     "load_trainable",
     "loraplus_param_groups",
     "prefix_from_tokens",
+    "prompt",
+    "prompt_io",
     "save_trainable",
     "trainable_report",
 ]

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from fastlora.train.methods import DEFAULT_LR, METHODS
+from fastlora.train.methods import DEFAULT_LR, METHODS, RECIPES
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"fastlora: {message}")
-        if self.loraplus_ratio is not None and self.method not in ("lora", "qlora"):
+        if self.loraplus_ratio is not None and not RECIPES[self.method].lora:
             raise ValueError(f"fastlora: loraplus_ratio applies to lora/qlora, not {self.method!r}")
 
     @property

@@ -1,4 +1,6 @@
-"""The fine-tuning methods behind ``fastlora finetune --method``: build the trainable model, save it.
+"""The fine-tuning methods behind ``fastlora finetune --method``: one table row per method (how to build the
+trainable model, its default rate, how its artefact is written and read), over the protocol every wrapped
+method answers (:class:`fastlora.methods.base.Method`).
 
 Each method takes a transformers model (sequence classification or causal LM) and returns the
 module to train; every parameter that trains has ``requires_grad=True`` and nothing else does.
@@ -22,79 +24,168 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-METHODS = ("qlora", "lora", "adapter", "prefix", "prompt", "ptuning", "full", "head")
-# The rule of thumb taught for each: small rates for full fine-tuning, larger for few parameters.
-DEFAULT_LR = {
-    "full": 2e-5,
-    "head": 1e-3,
-    "lora": 2e-4,
-    "qlora": 2e-4,
-    "adapter": 1e-3,
-    "prefix": 1e-2,
-    "prompt": 3e-2,
-    "ptuning": 1e-2,
-}
-HEAD_NAMES = ("classifier", "score")
+from fastlora.methods import bottleneck, full, lora, prompt
+from fastlora.methods.targets import LM_HEAD, classifier_heads
+from fastlora.methods.tensors import copy_checked
+
+HEAD_FILE = "head.safetensors"
 
 
 def head_modules(model: nn.Module) -> list[str]:
     """Names of the task head of a sequence classifier (``classifier`` for BERT, ``score`` for Llama)."""
-    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    return classifier_heads(model)
+
+
+# -- how each method builds the model to train: (model, options, heads, task) -> module ------------------
+
+
+def _lora(quantize: str | None) -> Callable[..., nn.Module]:
+    def build(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+        return lora.inject(
+            model,
+            r=options["lora_r"],
+            lora_alpha=options["lora_alpha"],
+            lora_dropout=options["lora_dropout"],
+            target_modules=options["target_modules"],
+            quantize=quantize,
+            modules_to_save=heads or None,
+            task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        )
+
+    return build
+
+
+def _adapter(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+    config = bottleneck.AdapterConfig(
+        r=options["adapter_r"], placement=options["adapter_placement"], modules_to_save=heads or None
+    )
+    return bottleneck.inject_adapters(model, config)
+
+
+def _prompt(make: Callable[[dict[str, Any]], prompt.PromptConfig]) -> Callable[..., nn.Module]:
+    def build(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+        return prompt.inject_prompt(model, make(options))  # a classifier's head trains beside the prompt, as in peft
+
+    return build
+
+
+def _prefix_config(options: dict[str, Any]) -> prompt.PromptConfig:
+    return prompt.PrefixTuningConfig(num_virtual_tokens=options["num_virtual_tokens"])
+
+
+def _prompt_config(options: dict[str, Any]) -> prompt.PromptConfig:
+    return prompt.PromptTuningConfig(num_virtual_tokens=options["num_virtual_tokens"])
+
+
+def _ptuning_config(options: dict[str, Any]) -> prompt.PromptConfig:
+    return prompt.PTuningConfig(num_virtual_tokens=options["num_virtual_tokens"], encoder=options["ptuning_encoder"])
+
+
+def _full(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+    return full.full_finetune(model)
+
+
+def _head(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+    if task != "classification":
+        return full.feature_extraction(model, head=[LM_HEAD])
+    return full.feature_extraction(model, head=heads or None)
+
+
+# -- artefacts: what a method writes and how it is read back ------------------------------------------
+
+
+class _Wrapped:
+    """A method whose model answers :class:`~fastlora.methods.base.Method`: its own files, its class's load."""
+
+    def __init__(self, model_class: type) -> None:
+        self.model_class = model_class
+
+    def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.adapter_state_dict()
+
+    def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
+        model.save(directory, tensors)
+
+    def read(self, base: nn.Module, directory: str) -> nn.Module:
+        return self.model_class.load(base, directory)
+
+
+class _WholeModel:
+    """Full fine-tuning: the whole model, in transformers' own format."""
+
+    def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return getattr(model, "module", model).state_dict()
+
+    def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
+        getattr(model, "module", model).save_pretrained(directory, state_dict=tensors, safe_serialization=True)
+
+    def read(self, base: nn.Module, directory: str) -> nn.Module:
+        raise ValueError(f"fastlora: {directory} holds a whole model (method full): pass it as --model instead")
+
+
+class _Head:
+    """Feature extraction: the trained head's parameters, by name, in ``head.safetensors``."""
+
+    def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return trainable_state(model)
+
+    def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(directory, HEAD_FILE))
+
+    def read(self, base: nn.Module, directory: str) -> nn.Module:
+        return full.load_trainable(base, os.path.join(directory, HEAD_FILE))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One ``--method``: ``build(model, options, heads, task)`` gives the module to train (``heads``: the
+    classifier's head names, trained beside the method), ``lr`` the default rate, ``artifact`` writes and reads
+    its result, ``lora``: it trains LoRA factors (LoRA+ applies), ``fsdp``: worth sharding with FSDP2 (the
+    others train few enough parameters for plain DDP)."""
+
+    build: Callable[[nn.Module, dict[str, Any], list[str], str], nn.Module]
+    lr: float
+    artifact: Any
+    lora: bool = False
+    fsdp: bool = False
+
+
+# The rule of thumb taught for each: small rates for full fine-tuning, larger for few parameters.
+RECIPES: dict[str, Recipe] = {
+    "qlora": Recipe(_lora("nf4"), 2e-4, _Wrapped(lora.LoraModel), lora=True, fsdp=True),
+    "lora": Recipe(_lora(None), 2e-4, _Wrapped(lora.LoraModel), lora=True, fsdp=True),
+    "adapter": Recipe(_adapter, 1e-3, _Wrapped(bottleneck.AdapterModel)),
+    "prefix": Recipe(_prompt(_prefix_config), 1e-2, _Wrapped(prompt.PromptModel)),
+    "prompt": Recipe(_prompt(_prompt_config), 3e-2, _Wrapped(prompt.PromptModel)),
+    "ptuning": Recipe(_prompt(_ptuning_config), 1e-2, _Wrapped(prompt.PromptModel)),
+    "full": Recipe(_full, 2e-5, _WholeModel(), fsdp=True),
+    "head": Recipe(_head, 1e-3, _Head(), fsdp=True),
+}
+METHODS = tuple(RECIPES)
+DEFAULT_LR = {method: recipe.lr for method, recipe in RECIPES.items()}
+
+
+def recipe(method: str) -> Recipe:
+    """The table row of ``method`` (a ValueError naming the known ones otherwise)."""
+    if method not in RECIPES:
+        raise ValueError(f"fastlora: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return RECIPES[method]
 
 
 def build(model: nn.Module, method: str, options: dict[str, Any], task: str) -> nn.Module:
     """The trainable model for ``method``; ``options`` holds the method's hyperparameters
     (lora_r, lora_alpha, lora_dropout, target_modules, adapter_r, adapter_placement,
     num_virtual_tokens, ptuning_encoder, layer_decay...)."""
-    if method not in METHODS:
-        raise ValueError(f"fastlora: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    row = recipe(method)
     heads = head_modules(model) if task == "classification" else []
-    if method in ("qlora", "lora"):
-        import fastlora
-
-        return fastlora.inject(
-            model,
-            r=options["lora_r"],
-            lora_alpha=options["lora_alpha"],
-            lora_dropout=options["lora_dropout"],
-            target_modules=options["target_modules"],
-            quantize="nf4" if method == "qlora" else None,
-            modules_to_save=heads or None,
-            task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-        )
-    if method == "full":
-        from fastlora.strategies.full import full_finetune
-
-        return full_finetune(model)
-    if method == "head":
-        from fastlora.strategies.full import feature_extraction
-
-        if task != "classification":
-            return feature_extraction(model, head=["lm_head"])
-        return feature_extraction(model, head=heads or None)
-    if method == "adapter":
-        from fastlora.strategies.bottleneck import AdapterConfig, inject_adapters
-
-        config = AdapterConfig(
-            r=options["adapter_r"], placement=options["adapter_placement"], modules_to_save=heads or None
-        )
-        return inject_adapters(model, config)
-    from fastlora.strategies import prompt as prompt_mod
-
-    n = options["num_virtual_tokens"]
-    if method == "prompt":
-        config = prompt_mod.PromptTuningConfig(num_virtual_tokens=n)
-    elif method == "ptuning":
-        config = prompt_mod.PTuningConfig(num_virtual_tokens=n, encoder=options["ptuning_encoder"])
-    else:
-        config = prompt_mod.PrefixTuningConfig(num_virtual_tokens=n)
-    return prompt_mod.inject_prompt(model, config)  # a classifier's head trains beside the prompt, as in peft
+    return row.build(model, options, heads, task)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,17 +199,8 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     own = dict(model.named_parameters())
     if local:
         own = {n: p.to_local() if hasattr(p, "to_local") else p for n, p in own.items()}
-    wanted = {n for n, p in own.items() if p.requires_grad}
-    if set(tensors) != wanted:
-        missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
-        raise ValueError(f"fastlora: {where} does not fit this run: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, value in tensors.items():
-        if own[name].shape != value.shape:
-            raise ValueError(f"fastlora: {where}: {name} has shape {tuple(value.shape)}, the model needs "
-                             f"{tuple(own[name].shape)}")  # fmt: skip
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value)
+    wanted = {n: p for n, p in own.items() if p.requires_grad}
+    copy_checked(wanted, tensors, f"{where} does not fit this run", owner="this run")
 
 
 def _atomic_dir(final: str) -> str:
@@ -154,28 +236,13 @@ def save_artifact(
 
     Under FSDP2 every rank calls this (the shards are gathered), and only the one with ``write`` writes.
     """
-    if method in ("qlora", "lora"):
-        tensors = {k: full_tensor(v) for k, v in model.adapter_state_dict().items()}
-    elif method == "full":
-        inner = getattr(model, "module", model)
-        tensors = {k: full_tensor(v) for k, v in inner.state_dict().items()}
-    else:
-        tensors = {n: full_tensor(t) for n, t in trainable_state(model).items()}
+    artifact = recipe(method).artifact
+    tensors = {k: full_tensor(v) for k, v in artifact.tensors(model).items()}
     if not write:
         return
     tmp = _atomic_dir(directory)
     try:
-        if method in ("qlora", "lora"):
-            from fastlora.adapters.io import save_adapter_files
-
-            config = dataclasses.replace(model.peft_config[model.active_adapter], inference_mode=True)
-            save_adapter_files(tmp, config, tensors)
-        elif method == "full":
-            inner.save_pretrained(tmp, state_dict=tensors, safe_serialization=True)
-        elif method == "head":
-            save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(tmp, "head.safetensors"))
-        else:  # adapter, prefix, prompt, ptuning: their own format (with a classifier's head)
-            model.save_adapter(tmp)
+        artifact.write(model, tmp, tensors)
         with open(os.path.join(tmp, "fastlora_run.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
         _publish(tmp, directory)
@@ -186,31 +253,7 @@ def save_artifact(
 
 def load_artifact(base: nn.Module, directory: str) -> nn.Module:
     """The trained model from ``directory`` (written by :func:`save_artifact`) on ``base``."""
-    manifest = read_manifest(directory)
-    method = manifest["method"]
-    if method in ("qlora", "lora"):
-        import fastlora
-
-        return fastlora.load(base, directory)
-    if method == "full":
-        raise ValueError(f"fastlora: {directory} holds a whole model (method full): pass it as --model instead")
-    if method == "head":
-        tensors = load_file(os.path.join(directory, "head.safetensors"))
-        own = dict(base.named_parameters())
-        for name, value in tensors.items():
-            if name not in own or own[name].shape != value.shape:
-                raise ValueError(f"fastlora: {directory}: {name} does not fit the model")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                own[name].copy_(value)
-        return base
-    if method == "adapter":
-        from fastlora.strategies.bottleneck import load_adapters
-
-        return load_adapters(base, directory)
-    from fastlora.strategies.prompt import load_prompt
-
-    return load_prompt(base, directory)
+    return recipe(read_manifest(directory)["method"]).artifact.read(base, directory)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
