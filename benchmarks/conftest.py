@@ -5,22 +5,19 @@ quick lists on a GPU too). Every benchmark first builds its implementation and r
 (``fastlora.bench.guard``): an implementation that cannot run here is skipped with the reason, and a wrong
 one FAILS its test and is never timed. No Triton interpreter here: CPU runs take fastlora's torch path, as a
 CPU user's would, and a GPU run the compiled kernels.
+
+Fixtures and hooks only; what the suites import (``CUDA``, ``QUICK``, ``guarded_or_skip``) is in helpers.py.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from fastlora.bench.guard import WrongResult
-from fastlora.bench.harness import Guarded, Skip
-
-CUDA = torch.cuda.is_available()
-QUICK = not CUDA or os.environ.get("FASTLORA_BENCH_QUICK") == "1"
-ROUNDS = 50 if CUDA else 10
+from benchmarks.helpers import CUDA, QUICK, ROUNDS
+from fastlora.bench.harness import Guarded
 
 
 def pytest_report_header(config):
@@ -46,30 +43,6 @@ def case_cache() -> Callable[[object], dict]:
         return held[key]
 
     return get
-
-
-def guarded_or_skip(cache: dict, impl: str, make: Callable[[], Guarded]) -> Guarded:
-    """The guarded build of ``impl`` (made once per case), never benchmarked unless it passed the guard.
-
-    Cannot run here: skipped. Wrong output or gradient: a failure for fastlora's own implementations; an
-    expected failure (xfail, with the reason) for a peer, whose bug is reported rather than fatal.
-    """
-    key = ("guarded", impl)
-    if key not in cache:
-        try:
-            cache[key] = make()
-        except Skip as e:
-            cache[key] = e
-        except WrongResult as e:
-            cache[key] = e
-    result = cache[key]
-    if isinstance(result, Skip):
-        pytest.skip(f"{impl}: {result}")
-    if isinstance(result, WrongResult):
-        if impl.startswith(("fastlora", "native")):
-            pytest.fail(f"wrong result, not benchmarked: {result}", pytrace=False)
-        pytest.xfail(f"the peer gives a wrong result, not benchmarked: {result}")
-    return result
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.conftest import CUDA, QUICK, guarded_or_skip
+from benchmarks.helpers import CUDA, QUICK, guarded_or_skip
 from fastlora.bench import cases, layer
 
 CASES = cases.layer_cases(quick=QUICK)

@@ -1,8 +1,11 @@
-"""Test set-up: Triton's CPU interpreter, fixed seeds, poisoned outputs, a `gpu` marker.
+"""Test set-up: Triton's CPU interpreter, fixed seeds, poisoned outputs, a `gpu` marker, the native extension.
 
 Two runs, because ``TRITON_INTERPRET`` is read when kernels are defined:
 - ``make test`` (any machine): every kernel runs on CPU tensors under the interpreter; `gpu` tests skip.
 - ``make test-gpu`` (``FASTLORA_GPU=1`` on a CUDA machine): only the `gpu` tests, on compiled kernels.
+
+Fixtures and hooks only: the names tests share (``DTYPES``, ``rel_error``, ...) live in helpers.py and the
+models in models.py, both imported by name (``from helpers import ...``); nothing imports this file.
 """
 
 import os
@@ -19,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("FASTLORA_BACKEND", None)
 
 import pytest  # noqa: E402
+from helpers import compiler_available  # noqa: E402
 
 from fastlora import _alloc  # noqa: E402
 
@@ -41,23 +45,18 @@ def _seed_and_poison():
     _alloc.set_poison(previous)
 
 
-def id_formatter(name):
-    """Readable parametrize ids: ``id_formatter("bs")`` -> ``bs=64``."""
+@pytest.fixture(scope="module")
+def native_ext():
+    """The native extension (fastlora._C): the installed build, else a JIT build, once per test module.
 
-    def fmt(value):
-        if isinstance(value, torch.dtype):
-            value = str(value).removeprefix("torch.")
-        return f"{name}={value}"
+    A failure with a compiler present fails the tests (CI installs with the extension); only a missing
+    toolchain skips them. The native test modules use it for every test (``pytestmark``).
+    """
+    from fastlora import native
 
-    return fmt
-
-
-# The numeric bound of the kernel tests: error ≤ 2x PyTorch's own error in that dtype plus this floor
-# (flash-attention's rule), errors relative to a float64 reference.
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref||, in float64 (a zero reference counts as norm 1e-30)."""
-    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    module = native.load(jit=True)
+    if module is None:
+        if not compiler_available():
+            pytest.skip(f"no C++ compiler to build the native extension: {native.unavailable_reason()}")
+        pytest.fail(f"the native extension did not build or load: {native.unavailable_reason()}")
+    return module

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DTYPES, FLOOR, id_formatter, rel_error
+from helpers import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora import native
 from fastlora.quant import dequantize_4bit, quantize_4bit

@@ -6,7 +6,7 @@ outputs; here the autotuned GPU configs (wgmma on Hopper) run instead of the int
 
 import pytest
 import torch
-from conftest import DTYPES, FLOOR, id_formatter
+from helpers import DTYPES, FLOOR, id_formatter
 
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref

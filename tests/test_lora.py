@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DTYPES, FLOOR, id_formatter, rel_error
+from helpers import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora.functional import dropout_keep_mask
 from fastlora.kernels.lora_ref import lora_linear_ref

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import id_formatter
+from helpers import id_formatter
 from torch import nn
 
 from fastlora import FastLoRALinear

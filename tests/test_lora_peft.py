@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import id_formatter, rel_error
+from helpers import id_formatter, rel_error
 from torch import nn
 
 peft = pytest.importorskip("peft")

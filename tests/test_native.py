@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DTYPES, FLOOR, id_formatter, rel_error
+from helpers import DTYPES, FLOOR, id_formatter, rel_error
 
 from fastlora import _alloc, dispatch, native
 from fastlora.kernels.lora_ref import lora_linear_ref

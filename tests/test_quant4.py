@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DTYPES, id_formatter
+from helpers import DTYPES, id_formatter
 
 from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref
 from fastlora.quant import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_4bit, get_code, quantize_4bit

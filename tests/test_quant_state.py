@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import id_formatter
+from helpers import id_formatter
 
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
