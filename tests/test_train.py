@@ -169,6 +169,28 @@ def test_schedule_warms_up_then_decays():
     assert [round(linear(s), 6) for s in (0, 5)] == [1.0, 0.5]
 
 
+def test_plan_and_run_state():
+    """The plan finds the data position from the step alone; the run state survives a checkpoint's JSON."""
+    from fastlora.train.state import Plan, RunState, StepResult
+
+    cfg = TrainConfig(method="lora", batch_size=4, grad_accum=3, max_steps=10, eval_every=4, warmup_ratio=0.2)
+    plan = Plan.make(cfg, n_examples=50, world=1)  # 13 micro-batches (the partial last kept): 4 whole steps
+    assert (plan.steps_per_epoch, plan.micro_per_epoch, plan.total, plan.warmup) == (4, 12, 10, 2)
+    assert plan.data_position(5) == (1, 3)
+    assert [s for s in range(1, 11) if plan.evaluates(s)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if plan.saves(s)] == [4, 8]  # the last step's checkpoint: the finish
+    assert Plan.make(cfg, n_examples=50, world=2).steps_per_epoch == 2  # 6 whole global batches of 8
+    with pytest.raises(TrainingError, match="make no full step of 12"):
+        Plan.make(cfg, n_examples=8, world=1)
+    state = RunState()
+    state.record_step(StepResult(loss=1.0, lr=0.1, tokens=100, examples=12, seconds=0.5, grad_norm=None))
+    assert state.record_eval({"val_loss": 2.0}) and not state.record_eval({"val_loss": 2.5})
+    saved = json.loads(json.dumps({**state.to_checkpoint(), "step": state.step}))
+    back = RunState.from_checkpoint(saved, saved["step"])
+    assert (back.step, back.examples_seen, back.tokens_seen, back.best_val_loss, back.bad_evals) == (1, 12, 100, 2.0, 1)
+    assert (back.last_eval, back.best) == ({"step": 1, "val_loss": 2.5}, {"val_loss": 2.0})
+
+
 # -- runs ---------------------------------------------------------------------------------------
 
 

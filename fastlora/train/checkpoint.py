@@ -1,5 +1,5 @@
-"""Resumable checkpoints of a run: :class:`Checkpointer`, which the trainer owns and calls with the model,
-optimiser, scheduler and :class:`~fastlora.train.state.RunState` to save or restore.
+"""Resumable checkpoints of a run, and its artefacts: :class:`Checkpointer`, which the trainer owns and calls
+with the model, optimiser, scheduler and :class:`~fastlora.train.state.RunState` to save or restore.
 
 A checkpoint directory ``checkpoints/step-N`` is written as ``step-N.tmp`` and renamed when complete:
 ``trainable.safetensors`` (every trainable parameter, whole), ``optimizer.pt`` (scheduler, and the
@@ -44,10 +44,18 @@ class Checkpointer:
         self.root = os.path.join(cfg.output_dir, "checkpoints")
         self.sharded = cfg.fsdp and dist.world > 1  # FSDP2: parameters and optimiser state are DTensor shards
 
-    def gather_ready(self, model: nn.Module) -> None:
+    def _gather_ready(self, model: nn.Module) -> None:
         """Under FSDP2, put ``model`` back into shards so that saving gathers whole parameters."""
         if self.sharded:
             fsdp2_reshard(model)
+
+    def save_artifact(self, directory: str, model: nn.Module, manifest: dict[str, Any]) -> None:
+        """What ``cfg.method`` trained in ``model``, into ``directory`` with ``manifest`` (see
+        :func:`fastlora.train.methods.save_artifact`). Every rank takes part (FSDP2 shards are gathered
+        collectively); rank 0 writes."""
+        self._gather_ready(model)
+        M.save_artifact(model, self.cfg.method, directory, manifest, write=self.dist.main)
+        self.dist.barrier()
 
     def save(self, state: RunState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
         """Write checkpoint ``state.step`` of ``model``'s trainable parameters, ``optimizer``, ``scheduler``
@@ -77,7 +85,7 @@ class Checkpointer:
 
     def _write(self, tmp: str, state: RunState, model: nn.Module, optimizer, scheduler) -> None:
         rank = self.dist.rank
-        self.gather_ready(model)
+        self._gather_ready(model)
         # every rank gathers (a collective under FSDP2); rank 0 writes
         tensors = {n: M.full_tensor(t).cpu().clone() for n, t in M.trainable_state(model).items()}
         if self.sharded:

@@ -1,11 +1,31 @@
-"""The loss of a micro-batch, as sums, so a step can average over all its examples or tokens on all ranks."""
+"""The forward and the loss of a micro-batch; losses as sums, so a step can average over all its examples or
+tokens on all ranks."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastlora.train.data import IGNORE
+
+
+def forward_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None, task: str
+) -> torch.Tensor:
+    """``model``'s logits for ``batch`` (``input_ids``/``attention_mask`` (B, L) int64, moved to ``device``)
+    under autocast to ``dtype`` (None: none), as fp32: (B, C) for "classification", (B, L, V) for "causal"
+    (a prompt method's virtual positions, which come first, dropped)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if task == "causal":
+        logits = logits[:, -batch["input_ids"].shape[1] :]
+    return logits.float()
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:

@@ -1,9 +1,11 @@
-"""The data and the model of a run, prepared from its :class:`TrainConfig` (the trainer's set-up)."""
+"""The data and the model of a run, prepared from its :class:`TrainConfig` (the trainer's set-up), and the
+order in which the loop reads the training examples."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from fastlora.train.runtime import (
     load_tokenizer,
     model_max_length,
 )
+from fastlora.train.state import Plan
 
 FSDP_METHODS = ("lora", "qlora", "full", "head")  # the methods whose trainable parameters are worth sharding
 
@@ -121,3 +124,19 @@ def distribute(model: nn.Module, cfg: TrainConfig, device: torch.device, dist: D
 
     ids = [dist.local_rank] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def micro_batches(
+    examples: list[D.Example], plan: Plan, step: int, cfg: TrainConfig, dist: Dist, pad_id: int, task: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's collated micro-batches of ``cfg.batch_size`` examples, epoch after epoch, from where the data
+    stands after ``step`` optimiser steps (a resumed run's position): the order of an epoch depends only on
+    (``cfg.seed``, epoch), and an epoch's remainder short of a whole step is skipped."""
+    epoch, offset = plan.data_position(step)
+    while True:
+        for i, chunk in enumerate(D.batches(examples, cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)):
+            if i >= plan.micro_per_epoch:
+                break
+            if i >= offset:
+                yield D.collate(chunk, pad_id, task)
+        epoch, offset = epoch + 1, 0

@@ -9,9 +9,8 @@ Checkpoints (every ``save_every`` steps, on Ctrl-C, and at the end) hold the tra
 the optimiser and scheduler, every RNG and the step; the data order is a function of (seed, epoch)
 so the position follows from the step. ``--resume`` continues bit for bit.
 
-:meth:`Trainer.run` reads as its phases: set-up (:meth:`Trainer._set_up` → a :class:`Plan`), the start
-state (fresh or resumed :class:`RunState`), the loop (:meth:`Trainer._train`: one :meth:`Trainer._step`,
-its report, evaluation and early-stop decision, periodic checkpoint), and the finish.
+``run()`` is its phases: set-up (a :class:`Plan`), start (a fresh or resumed :class:`RunState`), the loop
+(step, report, validate, early stop, checkpoint), finish.
 """
 
 from __future__ import annotations
@@ -28,13 +27,12 @@ import torch
 
 from fastlora.adapters.io import atomic_write
 from fastlora.train import data as D
-from fastlora.train import methods as M
 from fastlora.train.checkpoint import Checkpointer
 from fastlora.train.config import TrainConfig
 from fastlora.train.display import ProgressBar, eval_line, header
-from fastlora.train.loss import loss_count, loss_sum
+from fastlora.train.loss import forward_logits, loss_count, loss_sum
 from fastlora.train.metrics import MetricsLog
-from fastlora.train.prepare import build_model, read_data
+from fastlora.train.prepare import build_model, micro_batches, read_data
 from fastlora.train.runtime import (  # noqa: F401  (re-exported: the trainer's public helpers)
     Dist,
     TrainingError,
@@ -151,15 +149,8 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Logits aligned with the batch: (B, C) or (B, L, V) fp32 (virtual prompt positions dropped)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        dtype = autocast_dtype(self.cfg.precision, self.device)
-        ctx = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
-            out = self.train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        if self.task == "causal":
-            logits = logits[:, -batch["input_ids"].shape[1] :]
-        return logits.float()
+        return forward_logits(self.train_model, batch, self.device, autocast_dtype(self.cfg.precision, self.device),
+                              self.task)  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -186,7 +177,7 @@ class Trainer:
 
     def _train(self, plan: Plan, state: RunState, progress: ProgressBar) -> None:
         """Optimiser steps until the plan's last, Ctrl-C or an early stop (``state.stopped`` says which)."""
-        micro = self._micro_batches(plan, state.step)
+        micro = micro_batches(self.train_examples, plan, state.step, self.cfg, self.dist, self.pad_id, self.task)
         self.model.train()
         while state.step < plan.total:
             if self._stop_requested():
@@ -203,18 +194,6 @@ class Trainer:
                 self.checkpointer.save(state, self.model, self.optimizer, self.scheduler)
             if self.on_step is not None:
                 self.on_step(state.step, self)
-
-    def _micro_batches(self, plan: Plan, step: int) -> Iterator[Batch]:
-        """Micro-batches from where the data stands after ``step`` steps (a resumed run's), epoch after epoch."""
-        epoch, offset = plan.data_position(step)
-        while True:
-            for i, chunk in enumerate(D.batches(self.train_examples, self.cfg.batch_size, self.cfg.seed, epoch,
-                                                self.dist.rank, self.dist.world)):  # fmt: skip
-                if i >= plan.micro_per_epoch:
-                    break
-                if i >= offset:
-                    yield D.collate(chunk, self.pad_id, self.task)
-            epoch, offset = epoch + 1, 0
 
     def _step(self, micro: Iterator[Batch]) -> StepResult:
         """One optimiser step over the next ``grad_accum`` micro-batches of ``micro`` (all ranks together)."""
@@ -314,8 +293,7 @@ class Trainer:
 
     def _save_artifact(self, name: str) -> None:
         """``best`` or ``adapter``: what the method trained, as ``fastlora merge/eval`` and peft read it."""
-        self.checkpointer.gather_ready(self.model)
-        manifest = {  # every rank takes part: FSDP shards are gathered collectively
+        manifest = {
             "method": self.cfg.method,
             "task": self.task,
             "labels": self.labels,
@@ -323,6 +301,4 @@ class Trainer:
             "max_length": self.max_length,
             "fastlora_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "progress"},
         }
-        M.save_artifact(self.model, self.cfg.method, os.path.join(self.cfg.output_dir, name), manifest,
-                        write=self.dist.main)  # fmt: skip
-        self.dist.barrier()
+        self.checkpointer.save_artifact(os.path.join(self.cfg.output_dir, name), self.model, manifest)
