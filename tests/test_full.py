@@ -1,4 +1,4 @@
-"""Full fine-tuning, feature extraction, discriminative learning rates and LoRA+ on Llama and BERT from configs.
+"""methods/full.py: full fine-tuning, feature extraction, discriminative rates and LoRA+ on Llama and BERT.
 
 Each strategy trains a few steps (loss falls, only the intended parameters change bit for bit, the saved
 artefact holds only what trained and reloads into a fresh host to the same outputs); the optimiser groups
@@ -9,10 +9,11 @@ import os
 
 import pytest
 import torch
+from models import tiny_bert, tiny_llama
 from torch import nn
 
 import fastlora
-from fastlora.strategies.full import (
+from fastlora.methods.full import (
     discriminative_param_groups,
     feature_extraction,
     full_finetune,
@@ -27,30 +28,21 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
-LLAMA = {"vocab_size": 128, "hidden_size": 48, "intermediate_size": 80, "num_attention_heads": 4}
-LLAMA.update(num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, pad_token_id=0)
-BERT = {"vocab_size": 128, "hidden_size": 48, "intermediate_size": 80, "num_attention_heads": 4, "num_hidden_layers": 2}
-BERT.update(max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# Overrides of tests/models.py's tiny models: narrower, and no dropout in BERT (exact comparisons).
+LLAMA = {"hidden_size": 48, "intermediate_size": 80, "initializer_range": 0.1, "pad_token_id": 0}
+BERT = {"hidden_size": 48, "intermediate_size": 80, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def _llama(seed=0, layers=3):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, num_hidden_layers=layers)).eval()
-
-
-def _bert_config(**overrides):
-    return transformers.BertConfig(**{**BERT, **overrides})
+    return tiny_llama(seed, num_hidden_layers=layers, **LLAMA)
 
 
 def _bert(seed=0):
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(_bert_config()).eval()
+    return tiny_bert(seed, **BERT)
 
 
 def _llama_cls(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**LLAMA, num_hidden_layers=2, num_labels=3)
-    return transformers.LlamaForSequenceClassification(config).eval()
+    return tiny_llama(seed, task="classifier", num_hidden_layers=2, num_labels=3, **LLAMA)
 
 
 BUILD = {"llama": _llama, "bert": _bert, "llama-cls": _llama_cls}
@@ -161,8 +153,7 @@ def test_feature_extraction_trains_only_the_head(arch, head, tmp_path, capsys):
 
 
 def test_feature_extraction_with_a_user_head():
-    torch.manual_seed(0)
-    model = transformers.BertModel(_bert_config()).eval()
+    model = tiny_bert(0, task="base", **BERT)
     with pytest.raises(ValueError, match="no task head found on BertModel"):
         feature_extraction(model)
     model.probe = nn.Sequential(nn.Linear(48, 16), nn.Tanh(), nn.Linear(16, 2))
@@ -178,8 +169,7 @@ def test_feature_extraction_with_a_user_head():
 
 
 def test_feature_extraction_warns_about_a_tied_head():
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(_bert_config())
+    model = tiny_bert(0, task="masked_lm", train=True, **BERT)
     assert model.get_output_embeddings().weight is model.bert.embeddings.word_embeddings.weight
     with pytest.warns(UserWarning, match="is tied to bert.embeddings.word_embeddings.weight"):
         feature_extraction(model)
@@ -331,23 +321,3 @@ def test_load_trainable_checks_before_copying(tmp_path):
         f.write(b"\x00" * 5)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_trainable(other, path)
-
-
-@pytest.mark.parametrize("method", ["lora", "adapter", "ptuning", "prefix"])
-def test_injecting_into_an_eval_host_keeps_eval_mode(method):
-    """A model loaded for inference must not get dropout from freshly injected modules."""
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    inject = {
-        "lora": lambda m: fastlora.inject(m, r=4, lora_dropout=0.5),
-        "adapter": lambda m: fastlora.inject_adapters(m, fastlora.AdapterConfig(r=4, dropout=0.5)),
-        "ptuning": lambda m: fastlora.inject_prompt(m, fastlora.PTuningConfig(4, encoder_dropout=0.5)),
-        "prefix": lambda m: fastlora.inject_prompt(m, fastlora.PrefixTuningConfig(4, prefix_projection=True)),
-    }[method]
-    wrapped = inject(transformers.LlamaForCausalLM(config).eval())
-    assert [n for n, m in wrapped.named_modules() if m.training] == []
-    ids = torch.randint(0, 64, (1, 5))
-    with torch.no_grad():
-        assert torch.equal(wrapped(input_ids=ids).logits, wrapped(input_ids=ids).logits)
-    wrapped.train()
-    assert all(m.training for m in wrapped.modules())

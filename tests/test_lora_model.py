@@ -1,4 +1,4 @@
-"""Model-level API on small models: target matching, adapters, merge, save/load and every bad input."""
+"""LoraModel on small models: target matching, adapters, merge, save/load and every bad input."""
 
 import json
 import os
@@ -132,7 +132,7 @@ def test_merge_and_unload(quantize):
         model.model.classifier.trained.default.weight.add_(0.5)  # a trained head
     y = model(x)
     plain = model.merge_and_unload()
-    assert not any(isinstance(m, (FastLoRALinear, fastlora.adapters.ModulesToSave)) for m in plain.modules())
+    assert not any(isinstance(m, (FastLoRALinear, fastlora.methods.ModulesToSave)) for m in plain.modules())
     assert all(type(m) is nn.Linear for n, m in plain.named_modules() if n.endswith(("proj", "mlp")))
     torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
 
