@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fastlora.kernels.adapter_ref import check_activation
+from fastlora.functional import check_activation
 from fastlora.methods.files import CONFIG_NAME
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")

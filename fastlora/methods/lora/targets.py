@@ -13,6 +13,7 @@ from fastlora.modules.lora import FastLoRALinear
 
 
 def bnb_linear4bit() -> type | None:
+    """``bitsandbytes.nn.Linear4bit``, or None where bitsandbytes is missing or has no usable backend."""
     try:
         import bitsandbytes as bnb
     except Exception:  # optional: not installed, or no usable backend
@@ -21,6 +22,7 @@ def bnb_linear4bit() -> type | None:
 
 
 def is_linear(module: nn.Module) -> bool:
+    """Whether LoRA can adapt ``module``: an ``nn.Linear``, a FastLoRALinear or a bnb ``Linear4bit``."""
     bnb4 = bnb_linear4bit()
     return isinstance(module, (nn.Linear, FastLoRALinear)) or (bnb4 is not None and isinstance(module, bnb4))
 
