@@ -61,7 +61,7 @@ def cuda_home() -> str | None:
     return None
 
 
-def nvcc() -> str | None:
+def find_nvcc() -> str | None:
     """The nvcc of :func:`cuda_home`, or None."""
     home = cuda_home()
     return os.path.join(home, "bin", "nvcc") if home else None

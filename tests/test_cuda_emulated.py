@@ -8,7 +8,7 @@ reductions, the mma.sync fragment bookkeeping, the grid-wide sync of the single-
 results — bit for bit against the PyTorch reference for the
 dequantiser, within the float64-reference bound for the GEMV and the merge. Every buffer sits against an
 inaccessible page, so a read or write past its end faults; outputs and scratch start poisoned (NaN).
-What it cannot cover: the hardware (PTX loads, real occupancy, timing) — the `gpu` tests of test_native.py.
+What it cannot cover: the hardware (PTX loads, real occupancy, timing) — the `gpu` tests of test_native_cuda.py.
 The emulated mma.sync gathers operands by the fragment layout of PTX's ISA (checked here against a plain
 matrix product), so the kernels' use of that layout is tested, not the layout itself.
 """
@@ -29,16 +29,14 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, FLOOR, id_formatter, rel_error
+from helpers import DTYPES, FLOOR, ROOT, id_formatter, rel_error
 
 from fastlora import native
 from fastlora.quant import dequantize_4bit, quantize_4bit
 
-ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_SUCCESS, CUDA_ERROR_LAUNCH_FAILURE = 0, 719

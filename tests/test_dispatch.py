@@ -87,7 +87,7 @@ def test_size_conditions_and_reasons():
 
 def test_native_kernels_picked_when_built():
     """ "native" names the csrc/ kernels: the default for a CPU tensor when the op has a CPU kernel and
-    the extension is loaded (tests/test_native.py covers the fallback when it is not)."""
+    the extension is loaded (tests/test_native_build.py covers the fallback when it is not)."""
     if not native.is_built():
         pytest.skip(f"native extension not loaded: {native.unavailable_reason()}")
     assert _backend("dequantize_4bit", "native") == "native"
