@@ -194,6 +194,8 @@ def test_train_methods_table():
     assert M.DEFAULT_LR == {"full": 2e-5, "head": 1e-3, "lora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prefix": 1e-2,
                             "prompt": 3e-2, "ptuning": 1e-2}  # fmt: skip
     assert {m for m, r in M.RECIPES.items() if r.lora} == {"lora", "qlora"}
+    assert {m for m, r in M.RECIPES.items() if r.fsdp} == {"lora", "qlora", "full", "head"}
+    assert {m for m, r in M.RECIPES.items() if r.virtual_tokens} == {"prompt", "ptuning", "prefix"}
     loaders = {m: getattr(r.artifact, "model_class", None) for m, r in M.RECIPES.items()}
     assert loaders["lora"] is LoraModel and loaders["adapter"] is AdapterModel and loaders["prompt"] is PromptModel
     with pytest.raises(ValueError, match="unknown method 'dora'"):

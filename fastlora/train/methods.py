@@ -148,13 +148,15 @@ class Recipe:
     """One ``--method``: ``build(model, options, heads, task)`` gives the module to train (``heads``: the
     classifier's head names, trained beside the method), ``lr`` the default rate, ``artifact`` writes and reads
     its result, ``lora``: it trains LoRA factors (LoRA+ applies), ``fsdp``: worth sharding with FSDP2 (the
-    others train few enough parameters for plain DDP)."""
+    others train few enough parameters for plain DDP), ``virtual_tokens``: the prompt takes that many of the
+    host's positions (the input must leave room)."""
 
     build: Callable[[nn.Module, dict[str, Any], list[str], str], nn.Module]
     lr: float
     artifact: Any
     lora: bool = False
     fsdp: bool = False
+    virtual_tokens: bool = False
 
 
 # The rule of thumb taught for each: small rates for full fine-tuning, larger for few parameters.
@@ -162,9 +164,9 @@ RECIPES: dict[str, Recipe] = {
     "qlora": Recipe(_lora("nf4"), 2e-4, _Wrapped(lora.LoraModel), lora=True, fsdp=True),
     "lora": Recipe(_lora(None), 2e-4, _Wrapped(lora.LoraModel), lora=True, fsdp=True),
     "adapter": Recipe(_adapter, 1e-3, _Wrapped(bottleneck.AdapterModel)),
-    "prefix": Recipe(_prompt(_prefix_config), 1e-2, _Wrapped(prompt.PromptModel)),
-    "prompt": Recipe(_prompt(_prompt_config), 3e-2, _Wrapped(prompt.PromptModel)),
-    "ptuning": Recipe(_prompt(_ptuning_config), 1e-2, _Wrapped(prompt.PromptModel)),
+    "prefix": Recipe(_prompt(_prefix_config), 1e-2, _Wrapped(prompt.PromptModel), virtual_tokens=True),
+    "prompt": Recipe(_prompt(_prompt_config), 3e-2, _Wrapped(prompt.PromptModel), virtual_tokens=True),
+    "ptuning": Recipe(_prompt(_ptuning_config), 1e-2, _Wrapped(prompt.PromptModel), virtual_tokens=True),
     "full": Recipe(_full, 2e-5, _WholeModel(), fsdp=True),
     "head": Recipe(_head, 1e-3, _Head(), fsdp=True),
 }
