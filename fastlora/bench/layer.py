@@ -151,7 +151,7 @@ def bnb_linear4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> nn.Module
 
 def build(name: str, wt: Weights, dtype: torch.dtype) -> Impl:
     """Build implementation ``name`` (one of :data:`IMPLS`) on the shared weights; raises :class:`Skip`."""
-    from fastlora import FastLoRALinear
+    from fastlora.modules import FastLoRALinear
     from fastlora.quant import dequantize_4bit
 
     n, k = wt.w.shape

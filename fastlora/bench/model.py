@@ -98,7 +98,7 @@ def _quantised(w: torch.Tensor):
 
 def lora_factors(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Parameter]]:
     """(host path, A, B) of every LoRA layer of a fastlora LoraModel, a peft model or a reference model."""
-    from fastlora.adapters.model import LoraModel
+    from fastlora.methods.lora import LoraModel
 
     if isinstance(model, LoraModel):
         for path, layer in model.lora_layers():
@@ -116,10 +116,10 @@ def build(name: str, base: nn.Module, r: int) -> nn.Module:
     """A copy of ``base`` with LoRA as implementation ``name`` (one of :data:`IMPLS`); raises :class:`Skip`."""
     model = copy.deepcopy(base)
     if name.startswith("fastlora"):
-        import fastlora
+        from fastlora.methods.lora import inject
 
         quant = "nf4" if name.endswith("nf4") else None
-        return fastlora.inject(model, r=r, lora_alpha=ALPHA_PER_R * r, target_modules="all-linear", quantize=quant)
+        return inject(model, r=r, lora_alpha=ALPHA_PER_R * r, target_modules="all-linear", quantize=quant)
     try:
         import peft
     except ImportError as e:

@@ -173,7 +173,7 @@ def write_csv(path: str, meta: dict[str, Any], records: Sequence[Record], refere
 
 
 def _atomic_text(path: str, text: str) -> None:
-    from fastlora.adapters.io import atomic_write
+    from fastlora.methods.files import atomic_write
 
     atomic_write(path, text.encode())
     os.chmod(path, 0o644)  # results are for reading: not the temporary file's private mode

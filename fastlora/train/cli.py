@@ -162,7 +162,7 @@ def _finetune(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(console, [summary])
         if args.summary_json:
-            from fastlora.adapters.io import atomic_write
+            from fastlora.methods.files import atomic_write
 
             atomic_write(args.summary_json, json.dumps(summary.to_dict(), indent=2).encode())
     return 130 if summary.stopped == "interrupted" else 0
@@ -222,13 +222,13 @@ def _base_and_artifact(args, *, task_required: str | None = None):
 
 
 def _merge(args) -> int:
-    import fastlora
+    from fastlora.methods.lora import LoraModel
     from fastlora.train import methods as M
 
     manifest, model, tokenizer, _ = _base_and_artifact(args)
     if manifest["method"] not in ("lora", "qlora"):
         raise ValueError(f"fastlora: merge folds LoRA adapters; {args.adapter} holds a {manifest['method']} artefact")
-    assert isinstance(model, fastlora.LoraModel)
+    assert isinstance(model, LoraModel)
     merged = model.merge_and_unload()
     tmp = M._atomic_dir(args.out)
     try:
@@ -321,7 +321,7 @@ def _compare(args) -> int:
     console = _console()
     print_summary(console, summaries)
     if args.out:
-        from fastlora.adapters.io import atomic_write
+        from fastlora.methods.files import atomic_write
 
         atomic_write(args.out, json.dumps([s.to_dict() for s in summaries], indent=2).encode())
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.adapters.wrapper import count_parameters
+from fastlora.methods.report import count_parameters
 from fastlora.train import data as D
 from fastlora.train import methods as M
 from fastlora.train.config import TrainConfig
@@ -26,8 +26,6 @@ from fastlora.train.runtime import (
     model_max_length,
 )
 from fastlora.train.state import Plan
-
-FSDP_METHODS = ("lora", "qlora", "full", "head")  # the methods whose trainable parameters are worth sharding
 
 
 @dataclasses.dataclass
@@ -89,7 +87,7 @@ def build_model(cfg: TrainConfig, data: RunData, device: torch.device, dist: Dis
     tokenizer = load_tokenizer(path)
     limit = model_max_length(base)
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length
-    if cfg.method in ("prompt", "ptuning", "prefix"):
+    if M.recipe(cfg.method).virtual_tokens:  # the prompt takes positions of the model's window
         max_length = min(max_length, (limit or 10**9) - cfg.num_virtual_tokens)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -113,8 +111,9 @@ def distribute(model: nn.Module, cfg: TrainConfig, device: torch.device, dist: D
     """What the loop runs: ``model`` itself in one process, else DDP around it or FSDP2 shards of it."""
     if cfg.fsdp and dist.world == 1:
         raise TrainingError("fastlora: --fsdp shards across processes: launch with torchrun --nproc_per_node N")
-    if cfg.fsdp and cfg.method not in FSDP_METHODS:
-        raise TrainingError(f"fastlora: --fsdp supports lora, qlora, full and head; {cfg.method} trains few "
+    if cfg.fsdp and not M.recipe(cfg.method).fsdp:
+        sharded = ", ".join(m for m, r in M.RECIPES.items() if r.fsdp)
+        raise TrainingError(f"fastlora: --fsdp supports {sharded}; {cfg.method} trains few "
                             "enough parameters for plain DDP (drop --fsdp)")  # fmt: skip
     if dist.world == 1:
         return model

@@ -211,11 +211,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: weight decay except on biases and norms; discriminative rates and LoRA+ when asked."""
     lr = cfg.learning_rate
     if cfg.layer_decay is not None:
-        from fastlora.strategies.full import discriminative_param_groups
+        from fastlora.methods.full import discriminative_param_groups
 
         return discriminative_param_groups(model, lr, decay=cfg.layer_decay, weight_decay=cfg.weight_decay)
     if cfg.loraplus_ratio is not None:
-        from fastlora.strategies.full import loraplus_param_groups
+        from fastlora.methods.full import loraplus_param_groups
 
         return loraplus_param_groups(model, lr, ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
     decay, no_decay = [], []

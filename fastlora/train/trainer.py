@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from fastlora.adapters.io import atomic_write
+from fastlora.methods.files import atomic_write
 from fastlora.train import data as D
 from fastlora.train.checkpoint import Checkpointer
 from fastlora.train.config import TrainConfig
