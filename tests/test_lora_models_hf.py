@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import rel_error
 from models import minilm, minilm_tokenizer, tiny_bert, tiny_llama
 
 import fastlora
@@ -92,14 +93,17 @@ def test_merge_and_unload_matches_adapted_model(quantize):
     batch = _batch()
     expected = _logits(model, batch).float()
     layers = dict(model.lora_layers())
-    exact = {}  # W + s·BA in fp32, with a 4-bit W dequantised
+    exact = {}  # W + s·BA in float64, with a 4-bit W dequantised
     for path, layer in layers.items():
         w = layer.weight if quantize is None else dequantize_4bit(layer.weight, layer.quant_state, torch.float32)
-        exact[path] = w.float() + layer.delta_weight()
+        a, b = layer.adapter.lora_A.detach().double(), layer.adapter.lora_B.detach().double()
+        exact[path] = w.double() + layer.adapter.scaling * (b @ a)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, FastLoRALinear) for m in merged.modules())
-    for path, weight in exact.items():  # one rounding to the model dtype, nothing else
-        assert torch.equal(merged.get_submodule(path).weight, weight.to(dtype)), path
+    for path, weight in exact.items():  # the fp32 merge (native kernel for 4-bit), one rounding to the model dtype
+        fp32 = layers[path].merged_weight()
+        assert fp32.dtype == torch.float32 and rel_error(fp32, weight) < 1e-6, path
+        assert torch.equal(merged.get_submodule(path).weight, fp32.to(dtype)), path
     got = _logits(merged, batch).float()
     if quantize is None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

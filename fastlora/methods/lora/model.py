@@ -193,10 +193,11 @@ class LoraModel(WrappedModel):
         for path, layer in list(self.lora_layers()):
             state = layer.quant_state
             dtype = layer.weight.dtype if state is None else state.dtype
-            weight = layer.weight if state is None else dequantize_4bit(layer.weight, state, torch.float32)
             if layer.active_adapter is not None and not layer.disabled and not layer.merged:
-                weight = weight.float() + layer.delta_weight()  # fp32 sum, one rounding to the model dtype
-            weight = weight.to(dtype)
+                weight = layer.merged_weight()  # fp32 W + s·B A (a 4-bit W: the native merge kernel where built)
+            else:
+                weight = layer.weight if state is None else dequantize_4bit(layer.weight, state, torch.float32)
+            weight = weight.to(dtype)  # one rounding to the model dtype
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=weight.device, dtype=weight.dtype)  # fmt: skip
             linear.weight.copy_(weight)
