@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from fastlora.train.methods import DEFAULT_LR, METHODS, RECIPES
@@ -17,12 +19,16 @@ class TrainConfig:
     ``data`` (JSONL/CSV; None: the embedded generated topic set), ``val_data`` or ``val_split``.
     Optimisation: AdamW with ``lr`` (default per method), ``weight_decay`` (not on biases and norms),
     ``warmup_ratio`` of the steps linearly up, then ``schedule`` ("cosine", "linear", "constant")
-    down; ``grad_accum`` micro-batches per step; gradients clipped to ``max_grad_norm``;
+    down; ``grad_accum`` micro-batches per step; gradients clipped to ``max_grad_norm``
+    (None, or "none" on the command line: no clipping);
     ``layer_decay`` (discriminative rates: the rate shrinks by this factor per layer towards the
     embeddings) and ``loraplus_ratio`` (LoRA+: B learns this many times faster than A).
     Precision: ``precision`` "fp32", "bf16" or "fp16" autocast ("auto": bf16 on a GPU that has it,
     else fp32). Evaluation every ``eval_every`` steps (default: each epoch), early stopping after
     ``patience`` evaluations without a better validation loss.
+
+    Every numeric field is range-checked here (``ValueError`` naming the field and its flag), so a bad value
+    stops a run before any model loads; see ``_NUMBERS`` for the ranges.
     """
 
     model: str | None = None
@@ -66,29 +72,42 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.schedule in ("cosine", "linear", "constant"), f"schedule {self.schedule!r} unknown"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {self.precision!r} unknown"),
             (self.task in (None, "classification", "causal"), f"task {self.task!r} unknown"),
             (self.on_bad_line in ("error", "skip"), f"on_bad_line must be error or skip, got {self.on_bad_line!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (self.loraplus_ratio is None or self.loraplus_ratio > 0, "loraplus_ratio must be > 0"),
-            (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
-            (self.patience is None or self.patience >= 1, "patience must be >= 1"),
-            (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1"),
-        ]
+            (self.adapter_placement in ("houlsby", "pfeiffer", "parallel"),
+             f"adapter_placement {self.adapter_placement!r} unknown (houlsby, pfeiffer or parallel)"),
+            (self.ptuning_encoder in ("mlp", "lstm"),
+             f"ptuning_encoder {self.ptuning_encoder!r} unknown (mlp or lstm)"),
+            (isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir must be a non-empty path"),
+            (_names(self.target_modules),
+             f"target_modules must be a name or a list of names, got {self.target_modules!r}"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"fastlora: {message}")
         if self.loraplus_ratio is not None and not RECIPES[self.method].lora:
             raise ValueError(f"fastlora: loraplus_ratio applies to lora/qlora, not {self.method!r}")
+
+    def _check_numbers(self) -> None:
+        """Every numeric field converted to its type (a YAML file may hold ``lr: 1e-4``, which YAML reads as a
+        string) and checked against its range, so a bad value stops the run before any model loads."""
+        for name, kind, ok, wanted in _NUMBERS:
+            value = getattr(self, name)
+            if name == "max_grad_norm" and isinstance(value, str) and value.strip().lower() in ("none", "off"):
+                value = None
+            if value is None and name in _OPTIONAL:
+                setattr(self, name, None)
+                continue
+            value = _number(name, value, kind)
+            if not ok(value):
+                hint = _HINTS.get(name, "")
+                raise ValueError(f"fastlora: {name} ({_flag(name)}) must be {wanted}, got {value!r}{hint}")
+            setattr(self, name, value)
 
     @property
     def learning_rate(self) -> float:
@@ -124,3 +143,70 @@ class TrainConfig:
     # which settings must match for --resume to continue a run
     RESUME_KEYS = ("model", "data", "method", "task", "batch_size", "grad_accum", "seed", "epochs", "max_steps",
                    "lora_r", "adapter_r", "num_virtual_tokens", "max_length", "val_split", "val_data")  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _names(value: Any) -> bool:
+    """A module name pattern (str) or a non-empty list of them."""
+    if isinstance(value, str):
+        return value.strip() != ""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    """``value`` as ``kind`` (int or float); a string holding a number is read (YAML gives "1e-4" as a string),
+    a bool, a non-integral float for an int field or a non-finite float is a ValueError naming the field."""
+    what = "an integer" if kind is int else "a finite number"
+    original = value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            raise ValueError(f"fastlora: {name} ({_flag(name)}) must be {what}, got {original!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"fastlora: {name} ({_flag(name)}) must be {what}, got {original!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"fastlora: {name} ({_flag(name)}) must be finite, got {original!r}")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"fastlora: {name} ({_flag(name)}) must be {what}, got {original!r}")
+        return int(value)
+    return float(value)
+
+
+# (field, type, test, what the test wants): every numeric TrainConfig field. None is allowed for _OPTIONAL ones
+# (their default depends on the method or the data, or None switches the feature off).
+_NUMBERS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
+    ("val_split", float, lambda v: 0 < v < 1, "in (0, 1)"),
+    ("epochs", int, lambda v: v >= 1, ">= 1"),
+    ("max_steps", int, lambda v: v >= 1, ">= 1"),
+    ("batch_size", int, lambda v: v >= 1, ">= 1"),
+    ("grad_accum", int, lambda v: v >= 1, ">= 1"),
+    ("lr", float, lambda v: v > 0, "> 0"),
+    ("warmup_ratio", float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", float, lambda v: v >= 0, ">= 0"),
+    ("max_grad_norm", float, lambda v: v > 0, "> 0"),
+    ("layer_decay", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("loraplus_ratio", float, lambda v: v > 0, "> 0"),
+    ("lora_r", int, lambda v: v >= 1, ">= 1"),
+    ("lora_alpha", float, lambda v: v > 0, "> 0"),
+    ("lora_dropout", float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adapter_r", int, lambda v: v >= 1, ">= 1"),
+    ("num_virtual_tokens", int, lambda v: v >= 1, ">= 1"),
+    ("max_length", int, lambda v: v >= 8, ">= 8"),
+    ("eval_every", int, lambda v: v >= 1, ">= 1"),
+    ("patience", int, lambda v: v >= 1, ">= 1"),
+    ("save_every", int, lambda v: v >= 1, ">= 1"),
+    ("keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
+    ("log_every", int, lambda v: v >= 1, ">= 1"),
+    ("seed", int, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+)
+_OPTIONAL = {"max_steps", "lr", "max_grad_norm", "layer_decay", "loraplus_ratio", "eval_every", "patience",
+             "save_every"}  # fmt: skip
+_HINTS = {
+    "max_grad_norm": " (pass none to train without clipping; 0 would zero every gradient, < 0 trains uphill)",
+    "keep_checkpoints": " (the newest checkpoints kept; 1 keeps only the last)",
+}
