@@ -14,7 +14,7 @@ import tempfile
 from fastlora.train.config import TrainConfig
 from fastlora.train.methods import METHODS
 
-_BOOL = {"gradient_checkpointing", "resume", "fsdp"}
+_BOOL = {"gradient_checkpointing", "resume", "fsdp", "overwrite"}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "on_bad_line": "a malformed data line stops the run (error) or is skipped with a warning (skip)",
         "fsdp": "shard with FSDP2 (fully_shard) across the processes of torchrun",
         "resume": "continue bit for bit from the last checkpoint in --output-dir",
+        "overwrite": "start afresh in an --output-dir that holds another run (deletes that run's files)",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "progress":

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     on_bad_line: str = "error"
     resume: bool = False
+    overwrite: bool = False  # start afresh in an output_dir that holds another run (its files are deleted)
     fsdp: bool = False
     progress: bool = True
 
