@@ -13,13 +13,15 @@ needs nothing from the network.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,10 +95,11 @@ def _validate(record: Any, task: str | None) -> str | None:
 
 
 def read_records(path: str, *, task: str | None = None, on_bad_line: str = "error") -> list[tuple[int, dict]]:
-    """(line number, record) pairs of a ``.jsonl``/``.json`` or ``.csv`` file.
+    """(line number, record) pairs of a ``.jsonl``/``.json`` or ``.csv`` file (UTF-8, a leading byte-order mark
+    allowed, as spreadsheets write it).
 
-    A malformed line raises :class:`DataError` naming ``file:line`` (``on_bad_line="error"``), or is
-    skipped with one warning counting them (``"skip"``).
+    A malformed line (bad JSON, wrong keys, bytes that are not UTF-8) raises :class:`DataError` naming
+    ``file:line`` (``on_bad_line="error"``), or is skipped with one warning counting them (``"skip"``).
     """
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"fastlora: on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
@@ -111,8 +114,9 @@ def read_records(path: str, *, task: str | None = None, on_bad_line: str = "erro
             raise DataError(message + " (pass --on-bad-line skip to skip such lines)")
         bad.append(message)
 
+    text = _decode(path, reject)
     if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
                 raise DataError(f"{path}:1: a CSV needs a header with 'text' and 'label', found {reader.fieldnames}")
@@ -127,27 +131,51 @@ def read_records(path: str, *, task: str | None = None, on_bad_line: str = "erro
                 else:
                     out.append((line, {"text": row["text"], "label": row["label"]}))
     else:
-        with open(path, encoding="utf-8") as f:
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    reject(line, f"not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                why = _validate(record, task)
-                if why is None and task is None and out:
-                    why = _validate(record, detect_task([out[0][1]]))
-                if why:
-                    reject(line, why)
-                else:
-                    out.append((line, record))
+        # line ends as a text-mode file reads them (not str.splitlines, which also splits at U+2028 and others
+        # that JSON strings may hold unescaped)
+        for line, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                reject(line, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            why = _validate(record, task)
+            if why is None and task is None and out:
+                why = _validate(record, detect_task([out[0][1]]))
+            if why:
+                reject(line, why)
+            else:
+                out.append((line, record))
     if bad:
         _log.warning("fastlora: skipped %d malformed line(s) of %s, first: %s", len(bad), path, bad[0])
     if not out:
         raise DataError(f"{path}: no usable records")
     return out
+
+
+def _decode(path: str, reject: Callable[[int, str], None]) -> str:
+    """The text of ``path``: UTF-8 without its byte-order mark. A line that is not UTF-8 goes to ``reject``
+    (which raises, or records it and the line becomes empty, so later line numbers stay right)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}:1: the file is UTF-16 (a spreadsheet's 'Unicode text'); save it as UTF-8")
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, chunk in enumerate(raw.splitlines(keepends=True), 1):  # bytes split at \n, \r\n and \r only
+        try:
+            lines.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            where = f"byte 0x{chunk[e.start]:02x} at byte {e.start + 1} of the line"
+            reject(number, f"not UTF-8 ({where}); save the file as UTF-8")
+            lines.append("\n")
+    return "".join(lines)
 
 
 # -- tokenising ---------------------------------------------------------------------------------
