@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, with no GPU present.
 
-Each kernel module registers a :class:`KernelSpec` per signature and tuning config its
-launcher may pick. ``python -m fastlora.aot`` compiles all of them for sm_80 and sm_90 and
-reports registers, spill stack, shared memory and tensor-core instruction counts read from the
-cubin with triton's own ``cuobjdump``. The test suite runs it in a subprocess (without
-``TRITON_INTERPRET``), so a kernel that only the interpreter accepts fails CI.
+Each kernel module registers a :class:`~fastlora.kernels.specs.KernelSpec` per signature and
+tuning config its launcher may pick (:mod:`fastlora.kernels.specs`, the registry, imports no
+kernel; this driver imports them all, so the dependency runs one way). ``python -m fastlora.aot``
+(or ``fastlora aot``) compiles all of them for sm_80 and sm_90 and reports registers, spill stack,
+shared memory and tensor-core instruction counts read from the cubin with triton's own
+``cuobjdump``. The test suite runs it in a subprocess (without ``TRITON_INTERPRET``), so a kernel
+that only the interpreter accepts fails CI.
 """
 
 from __future__ import annotations
@@ -19,41 +21,14 @@ import sys
 import tempfile
 from typing import Any
 
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One compile of one kernel: a signature plus constexpr values and launch options.
-
-    Attributes:
-        name: readable id, e.g. "dequantize_4bit[bf16,nested]".
-        fn: the ``@triton.jit`` function.
-        signature: argument name -> triton type ("*fp32", "i32", "fp32", "constexpr").
-        constexprs: values of the constexpr arguments.
-        num_warps, num_stages: launch options of this config.
-        tensor_core: True when the SASS on sm_90 must use HGMMA (wgmma) instructions.
-    """
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 3
-    tensor_core: bool = False
-
-
-_REGISTRY: list[KernelSpec] = []
-
-
-def register(spec: KernelSpec) -> None:
-    _REGISTRY.append(spec)
+import fastlora.kernels  # noqa: F401  (each kernel module registers its specs on import)
+from fastlora.kernels import specs
+from fastlora.kernels.specs import KernelSpec
 
 
 def registered() -> list[KernelSpec]:
-    """All kernel specs, after importing every kernel module."""
-    import fastlora.kernels  # noqa: F401  (registers on import)
-
-    return list(_REGISTRY)
+    """All kernel specs: every kernel module registered its own when :mod:`fastlora.kernels` was imported."""
+    return specs.registered()
 
 
 @dataclasses.dataclass
@@ -132,12 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("fastlora.aot: unset TRITON_INTERPRET to compile kernels ahead of time", file=sys.stderr)
         return 2
-    # Under ``python -m`` this file runs as __main__: the kernels register into the imported
-    # fastlora.aot module, so read the registry from there.
-    import fastlora.aot
-
     global _SPECS
-    _SPECS = fastlora.aot.registered()
+    _SPECS = registered()
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (80, 90)]
     # Compiling is CPU-bound and independent per spec: one worker per core (forked, so the
     # workers share the registry).

@@ -4,18 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, FLOOR, id_formatter, rel_error
+from helpers import DTYPES, FLOOR, id_formatter, rel_error
 from torch import nn
 
-from fastlora.kernels.adapter import (
-    adapter_down_triton,
-    adapter_dx_triton,
-    adapter_dz_triton,
-    adapter_up_triton,
-    r_tile,
-    up_r_step,
-)
-from fastlora.kernels.adapter_ref import ACTIVATIONS, activation_grad, adapter_ref, apply_activation
+from fastlora.functional import ACTIVATIONS, activation_grad, apply_activation
+from fastlora.kernels.adapter import adapter_down_triton, adapter_dx_triton, adapter_dz_triton, adapter_up_triton
+from fastlora.kernels.adapter_down import r_tile
+from fastlora.kernels.adapter_ref import adapter_ref
+from fastlora.kernels.adapter_up import up_r_step
 from fastlora.modules import FastAdapter
 from fastlora.ops.adapter import adapter_forward
 

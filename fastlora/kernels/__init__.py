@@ -1,7 +1,8 @@
 """Triton kernels, one concern per module, each with its PyTorch reference beside it (``*_ref.py``).
 
-Importing this package registers every kernel's ahead-of-time compile specs (see
-:mod:`fastlora.aot`).
+Shared building blocks (tile product, rounding, the launch path) are :mod:`fastlora.kernels.primitives`.
+Importing this package registers every kernel's ahead-of-time compile specs in
+:mod:`fastlora.kernels.specs` (compiled by :mod:`fastlora.aot`).
 """
 
-from fastlora.kernels import adapter, lora, quant4  # noqa: F401
+from fastlora.kernels import adapter, adapter_down, adapter_up, lora, quant4  # noqa: F401

@@ -21,17 +21,10 @@ import triton
 import triton.language as tl
 
 from fastlora import _alloc, dispatch
-from fastlora.aot import KernelSpec, register
-from fastlora.kernels.quant4 import code_value, load_absmax, round_to_bf16_bits
+from fastlora.kernels.primitives import launch, mma, round_to_bf16_bits
+from fastlora.kernels.quant4 import code_value, load_absmax
+from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
 from fastlora.quant.state import QuantState
-
-
-@triton.jit
-def _mma(a, b, acc, FP32_DOT: tl.constexpr):
-    if FP32_DOT:  # fp32 inputs (IEEE, no TF32), and every dtype under the interpreter
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit
@@ -196,7 +189,7 @@ def _lora_matmul_kernel(
                 mask=k_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-        acc = _mma(a, b, acc, FP32_DOT)
+        acc = mma(a, b, acc, FP32_DOT)
 
     if HAS_LORA:
         for r0 in range(0, R, BR):
@@ -212,7 +205,7 @@ def _lora_matmul_kernel(
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = _mma(u, lw, acc, FP32_DOT)
+            acc = mma(u, lw, acc, FP32_DOT)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -255,18 +248,6 @@ def configs_for(dtype: torch.dtype, w_4bit: bool, w_aligned: bool) -> list[trito
     if w_4bit and not w_aligned:
         return [GENERAL_4BIT_CONFIG]
     return FP32_CONFIGS if dtype == torch.float32 else TC_CONFIGS
-
-
-_tuned: dict[tuple, object] = {}
-
-
-def _tuned_kernel(dtype: torch.dtype, w_4bit: bool, w_aligned: bool):
-    key = (dtype == torch.float32, w_4bit and not w_aligned)
-    if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=configs_for(dtype, w_4bit, w_aligned), key=_TUNING_KEY)(
-            _lora_matmul_kernel
-        )
-    return _tuned[key]
 
 
 def _launch(
@@ -343,16 +324,15 @@ def _launch(
         "FP32_DOT": x.dtype == torch.float32 or dispatch.interpreting(),
         "BR": BR,
     }
-    if dispatch.interpreting():
-        cfg = INTERPRETER_CONFIG.kwargs
-        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]),)
-        _lora_matmul_kernel[grid](*args, **flags, **cfg)
-    else:
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)
-
-        _tuned_kernel(x.dtype, w_4bit, aligned)[grid](*args, **flags)
+    launch(
+        _lora_matmul_kernel,
+        lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),),
+        args,
+        flags,
+        configs=configs_for(x.dtype, w_4bit, aligned),
+        key=_TUNING_KEY,
+        interpreter_config=INTERPRETER_CONFIG,
+    )
     return out
 
 
@@ -405,7 +385,6 @@ def lora_bwd_dx_triton(
 
 
 def _register_aot_specs() -> None:
-    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
     ints = ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "W_ROWS", "W_COLS")
     ints += tuple(f"stride_{s}" for s in ("um", "ur", "lr", "ln", "om", "on"))
     flags = ("W_4BIT", "FP4", "W_ALIGNED", "W_TRANS", "NESTED", "HAS_BIAS", "HAS_LORA", "FP32_DOT")
@@ -417,7 +396,7 @@ def _register_aot_specs() -> None:
                     f"nf4{'-nested' if nested else ''}{'-aligned' if aligned else '-any'}{'-fwd' if trans else '-dx'}"
                 )
                 variants.append((name, True, aligned, trans, nested))
-    for dtype, p in ptr.items():
+    for dtype, p in TL_POINTER.items():
         for kind, w_4bit, aligned, trans, nested in variants:
             signature = {
                 "x_ptr": p,

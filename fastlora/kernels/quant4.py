@@ -21,19 +21,10 @@ import triton
 import triton.language as tl
 
 from fastlora import _alloc
-from fastlora.aot import KernelSpec, register
+from fastlora.kernels.primitives import round_to_bf16_bits
+from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
 from fastlora.quant.codes import BLOCKSIZES, get_bounds
 from fastlora.quant.state import QuantState
-
-_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-@triton.jit
-def round_to_bf16_bits(x):
-    """fp32 -> fp32 holding the nearest-even bf16 value (exact to cast afterwards)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -214,7 +205,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, out_dtype: t
 
 
 def _register_aot_specs() -> None:
-    for dtype, ptr in _TL_PTR.items():
+    for dtype, ptr in TL_POINTER.items():
         for bs in BLOCKSIZES:
             register(
                 KernelSpec(
