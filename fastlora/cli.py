@@ -21,26 +21,50 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; an error a user or the machine can cause is one ``fastlora: ...``
+    line on stderr and exit 2 (argparse's usage errors exit 2 too), never a traceback."""
     _setup_logging()
     parser = argparse.ArgumentParser(prog="fastlora", description="Kernel-optimised LoRA/QLoRA for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from fastlora.bench.cli import add_parser as add_bench
+    from fastlora.quant import BLOCKSIZES
+    from fastlora.train.cli import add_parsers as add_train
+    from fastlora.train.cli import count
+
     demo = sub.add_parser("demo", help="quantise a layer to NF4, check it against bitsandbytes, print error and memory")
-    demo.add_argument("--in-features", type=int, default=4096)
-    demo.add_argument("--out-features", type=int, default=4096)
+    demo.add_argument("--in-features", type=count(1), default=4096, help="[>= 1]")
+    demo.add_argument("--out-features", type=count(1), default=4096, help="[>= 1]")
     demo.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
-    demo.add_argument("--blocksize", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64)
+    demo.add_argument("--seed", type=count(0), default=0, help="[>= 0]")
 
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and print registers, spills, wgmma use")
-
-    from fastlora.bench.cli import add_parser as add_bench
-    from fastlora.train.cli import add_parsers as add_train
 
     add_train(sub)
     add_bench(sub)
 
     args = parser.parse_args(argv)
+    if args.command in ("finetune", "merge", "generate", "eval", "compare"):
+        from fastlora.train.commands import run
+
+        return run(args)  # which reports errors as fastlora: lines itself, with each command's advice
+    try:
+        return _run_other(args)
+    except KeyboardInterrupt:
+        print("fastlora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from fastlora.train.guards import explain
+
+        message = explain(e)
+        if message is None:
+            raise  # a bug: its traceback is what to report
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _run_other(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from fastlora.demo import run_demo
 
@@ -55,10 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         from fastlora.bench.cli import run as run_bench
 
         return run_bench(args)
-    if args.command in ("finetune", "merge", "generate", "eval", "compare"):
-        from fastlora.train.cli import run
-
-        return run(args)
     return 2
 
 

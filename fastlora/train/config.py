@@ -28,7 +28,7 @@ class TrainConfig:
     ``patience`` evaluations without a better validation loss.
 
     Every numeric field is range-checked here (``ValueError`` naming the field and its flag), so a bad value
-    stops a run before any model loads; see ``_NUMBERS`` for the ranges.
+    stops a run before any model loads; see ``NUMERIC_FIELDS`` for the ranges.
     """
 
     model: str | None = None
@@ -97,7 +97,7 @@ class TrainConfig:
     def _check_numbers(self) -> None:
         """Every numeric field converted to its type (a YAML file may hold ``lr: 1e-4``, which YAML reads as a
         string) and checked against its range, so a bad value stops the run before any model loads."""
-        for name, kind, ok, wanted in _NUMBERS:
+        for name, kind, ok, wanted in NUMERIC_FIELDS:
             value = getattr(self, name)
             if name == "max_grad_norm" and isinstance(value, str) and value.strip().lower() in ("none", "off"):
                 value = None
@@ -180,7 +180,7 @@ def _number(name: str, value: Any, kind: type) -> int | float:
 
 # (field, type, test, what the test wants): every numeric TrainConfig field. None is allowed for _OPTIONAL ones
 # (their default depends on the method or the data, or None switches the feature off).
-_NUMBERS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
+NUMERIC_FIELDS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
     ("val_split", float, lambda v: 0 < v < 1, "in (0, 1)"),
     ("epochs", int, lambda v: v >= 1, ">= 1"),
     ("max_steps", int, lambda v: v >= 1, ">= 1"),

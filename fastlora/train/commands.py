@@ -1,0 +1,266 @@
+"""``fastlora finetune | merge | generate | eval | compare`` (parsed by :mod:`fastlora.train.cli`): :func:`run`
+and the command bodies.
+
+Each checks its outputs before it loads a model (:mod:`fastlora.train.guards`): a directory is written only
+where nothing is, into an empty directory, or over the same command's earlier output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from fastlora.train import guards
+from fastlora.train.cli import config_from_args
+from fastlora.train.config import TrainConfig
+from fastlora.train.methods import METHODS
+
+MERGE_MARKER = "fastlora_merge.json"  # what fastlora merge wrote into --out (so only that is ever replaced)
+COMPARE_MARKER = "fastlora_compare.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one subcommand. An error a user or the machine can cause (bad flags or files, missing artefacts, a
+    full disk, permissions) is one ``fastlora: ...`` line on stderr and exit 2; Ctrl-C outside training exits 130."""
+    if args.command not in COMMANDS:
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("fastlora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = guards.explain(e, **_error_context(args))
+        if message is None:
+            raise  # not something a user can fix: a bug, whose traceback is what to report
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _error_context(args) -> dict[str, str]:
+    """What :func:`guards.explain` says about a full disk or a missing file for this command."""
+    adapter_hint = "--adapter must be the adapter/ or best/ directory of a fastlora finetune run"
+    if args.command == "finetune":
+        out = getattr(args, "output_dir", None) or TrainConfig.output_dir
+        return {"where": out, "retry": "rerun with --resume to continue from the last checkpoint"}
+    if args.command == "merge":
+        return {"where": args.out, "missing_hint": adapter_hint}
+    if args.command == "compare":
+        return {"where": args.output_dir}
+    return {"missing_hint": adapter_hint}
+
+
+def _finetune(args) -> int:
+    from fastlora.train.trainer import Trainer
+
+    cfg = config_from_args(args)  # every setting range-checked
+    # outputs checked before the model loads (the run directory's ownership is the trainer's to check)
+    guards.check_writable(cfg.output_dir, "--output-dir", inside=True)
+    if args.summary_json:
+        guards.check_file_destination(args.summary_json, "--summary-json", _is_summary, "a fastlora summary")
+    console = _console()
+    summary = Trainer(cfg, console=console).run()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(console, [summary])
+        if args.summary_json:
+            from fastlora.methods.files import atomic_write
+
+            atomic_write(args.summary_json, json.dumps(summary.to_dict(), indent=2).encode())
+    return 130 if summary.stopped == "interrupted" else 0
+
+
+def _is_summary(content) -> bool:
+    """JSON that ``--summary-json`` writes (one run's summary)."""
+    return isinstance(content, dict) and {"method", "trainable", "total", "stopped"} <= content.keys()
+
+
+def _is_table(content) -> bool:
+    """JSON that ``compare --out`` writes (a list of summaries)."""
+    return isinstance(content, list) and all(_is_summary(row) for row in content)
+
+
+def _console():
+    """A rich console; 140 columns when writing to a file or pipe (rich would assume 80)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_summary(console, summaries) -> None:
+    from rich.table import Table
+
+    table = Table(title="fastlora finetune", show_lines=False)
+    for col in ("method", "trainable", "share", "peak memory", "step time", "tokens/s", "best val loss",
+                "val acc before → after", "stopped"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("method", "stopped") else "right")
+    for s in summaries:
+        acc = "-"
+        if s.val_accuracy_after is not None:
+            acc = f"{s.val_accuracy_before:.1%} → {s.val_accuracy_after:.1%}"
+        table.add_row(
+            s.method,
+            f"{s.trainable:,d}",
+            f"{100 * s.trainable / s.total:.2f}%",
+            f"{s.peak_memory_mib:,.0f} MiB ({s.memory_kind})",
+            f"{1000 * s.step_time_s:,.0f} ms",
+            f"{s.tokens_per_s:,.0f}",
+            _fmt(s.best_val_loss, ".4f"),
+            acc,
+            s.stopped,
+        )
+    console.print(table)
+    if len(summaries) == 1 and summaries[0].output_dir:
+        console.print(f"artefacts: {summaries[0].output_dir}/adapter (last), {summaries[0].output_dir}/best (best val)")
+
+
+def _base_and_artifact(args, *, task_required: str | None = None, manifest: dict | None = None):
+    """(manifest, the trained model on its base, the tokenizer, the base's path) of ``args.adapter``."""
+    from fastlora.train import methods as M
+    from fastlora.train.trainer import load_model, load_tokenizer
+
+    manifest = manifest or guards.read_manifest(args.adapter, base_given=bool(args.model))
+    if task_required and manifest["task"] != task_required:
+        raise ValueError(f"fastlora: {args.adapter} was trained for {manifest['task']}, this needs {task_required}")
+    path = args.model or manifest["base_model"]
+    import torch
+
+    base = load_model(path, manifest["task"], manifest["labels"], torch.float32)
+    model = M.load_artifact(base, args.adapter)
+    return manifest, model, load_tokenizer(path), path
+
+
+def _merge(args) -> int:
+    """Fold the adapter into its base and write a plain transformers directory at --out, refusing (before the
+    model loads) a destination that holds anything but an earlier merge's output."""
+    from fastlora.methods.lora import LoraModel
+
+    manifest = guards.read_manifest(args.adapter, base_given=bool(args.model))
+    if manifest["method"] not in ("lora", "qlora"):
+        raise ValueError(f"fastlora: merge folds LoRA adapters; {args.adapter} holds a {manifest['method']} artefact")
+    guards.check_dir_destination(args.out, "--out", MERGE_MARKER, "merge")
+    guards.check_writable(args.out, "--out")
+    manifest, model, tokenizer, base = _base_and_artifact(args, manifest=manifest)
+    assert isinstance(model, LoraModel)
+    merged = model.merge_and_unload()
+    tmp = guards.new_dir_beside(args.out)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        guards.write_marker(tmp, MERGE_MARKER, "merge", adapter=os.path.abspath(args.adapter),
+                            base_model=os.path.abspath(base))  # fmt: skip
+        guards.publish_dir(tmp, args.out, "--out", MERGE_MARKER, "merge")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"fastlora: merged {args.adapter} into {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from fastlora.train.data import PROMPT_TEMPLATE
+    from fastlora.train.trainer import load_model, load_tokenizer
+
+    if args.adapter:
+        _, model, tokenizer, _ = _base_and_artifact(args, task_required="causal")
+    else:
+        if not args.model:
+            raise ValueError("fastlora generate: pass --model, --adapter, or both")
+        model, tokenizer = load_model(args.model, "causal", None, torch.float32), load_tokenizer(args.model)
+    text = args.prompt if args.raw else PROMPT_TEMPLATE.format(instruction=args.prompt)
+    encoded = tokenizer(text, return_tensors="pt")
+    ids = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    torch.manual_seed(args.seed)
+    model.eval()
+    sample = args.temperature > 0
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature if sample else None,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+def _eval(args) -> int:
+    from fastlora.train import data as D
+    from fastlora.train.trainer import Trainer
+
+    manifest, model, tokenizer, _ = _base_and_artifact(args)
+    cfg = TrainConfig(method=manifest["method"], batch_size=args.batch_size, progress=False)
+    trainer = Trainer(cfg)
+    trainer.task, trainer.labels, trainer.tokenizer = manifest["task"], manifest["labels"], tokenizer
+    trainer.model = trainer.train_model = model.to(trainer.device)
+    trainer.max_length = manifest["max_length"]
+    trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if args.data:
+        records = D.read_records(args.data, task=manifest["task"])
+    elif not isinstance(manifest.get("fastlora_config"), dict) or manifest["fastlora_config"].get("data") is None:
+        records = D.default_classification_data(seed=1234)[1]
+    else:
+        raise ValueError("fastlora eval: pass --data")
+    trainer.val_examples = trainer._encode(records, args.data or "the embedded validation set")
+    result = trainer.evaluate()
+    print(json.dumps(result))
+    return 0
+
+
+def _compare(args) -> int:
+    """Each method in a fresh process (peak memory is per process), same data, steps and batch."""
+    from fastlora.train.trainer import Summary
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"fastlora compare: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    # outputs checked before anything runs: --output-dir is new, empty or an earlier compare's (whose method
+    # directories its finetune runs replace); --out is new, empty or an earlier table
+    guards.check_dir_destination(args.output_dir, "--output-dir", COMPARE_MARKER, "compare", shallow=True)
+    guards.check_writable(args.output_dir, "--output-dir", inside=True)
+    if args.out:
+        guards.check_file_destination(args.out, "--out", _is_table, "a fastlora compare table")
+    earlier = guards.marked_entries(args.output_dir, COMPARE_MARKER, "compare")
+    os.makedirs(args.output_dir, exist_ok=True)
+    guards.write_marker(args.output_dir, COMPARE_MARKER, "compare", entries=sorted(earlier | set(methods)))
+    overwrite = "overwrite" in {f.name for f in dataclasses.fields(TrainConfig)}
+    summaries = []
+    for method in methods:
+        out = os.path.join(args.output_dir, method)
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            summary_path = f.name
+        cmd = [sys.executable, "-m", "fastlora.cli", "finetune", "--method", method, "--output-dir", out,
+               "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--eval-every",
+               str(args.max_steps), "--no-progress", "--summary-json", summary_path]  # fmt: skip
+        for flag in ("model", "data"):
+            if getattr(args, flag):
+                cmd += [f"--{flag}", getattr(args, flag)]
+        if overwrite and os.path.isdir(out):  # an earlier compare's run (checked above): this one replaces it
+            cmd.append("--overwrite")
+        print(f"fastlora compare: {method} ...", flush=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
+            raise ValueError(f"fastlora compare: method {method} failed (exit {result.returncode})")
+        with open(summary_path) as f:
+            summaries.append(Summary(**json.load(f)))
+        os.unlink(summary_path)
+    console = _console()
+    print_summary(console, summaries)
+    if args.out:
+        from fastlora.methods.files import atomic_write
+
+        atomic_write(args.out, json.dumps([s.to_dict() for s in summaries], indent=2).encode())
+    return 0
+
+
+COMMANDS = {"finetune": _finetune, "merge": _merge, "generate": _generate, "eval": _eval, "compare": _compare}
