@@ -9,9 +9,9 @@ import torch
 from helpers import DTYPES, FLOOR, id_formatter
 
 from fastlora.kernels.lora_ref import lora_linear_ref
-from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref
 from fastlora.ops import lora_linear
 from fastlora.quant import absmax_fp32, dequantize_4bit, quantize_4bit
+from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref
 
 pytestmark = pytest.mark.gpu
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import DTYPES, id_formatter
 
-from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref
 from fastlora.quant import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_4bit, get_code, quantize_4bit
 from fastlora.quant.codes import get_bounds, get_dynamic_map
+from fastlora.quant.ref import dequantize_4bit_ref, quantize_4bit_ref
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
