@@ -7,7 +7,7 @@ from helpers import DTYPES, FLOOR, id_formatter, rel_error
 from fastlora.functional import dropout_keep_mask
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.ops import lora_linear
-from fastlora.quant import dequantize_4bit, quantize_4bit
+from fastlora.quant import QuantArgs, QuantState, dequantize_4bit, quantize_4bit
 
 # (M, K, N, r): M in {1, 2, 3, 17, 257}, r in {1, 8, 64, 256}; K, N not multiples of 16/64 where the 4-bit layout allows
 # (K=53: odd rows, blocks straddle rows -> general path; K=128/192: byte- and block-aligned path).
@@ -113,19 +113,12 @@ def test_leading_dims_and_non_contiguous_input(monkeypatch):
 def test_opcheck(weight_kind):
     """Schema, fake (meta) shapes, autograd registration and AOT dispatch of the custom ops."""
     x, w, state, _, bias, a, b = _make(5, 64, 24, 4, weight_kind, torch.float32)
-    if state is None:
-        quant, absmax, n_absmax, n_code, offset = [0, 0, 24, 64], None, None, None, 0.0
-    else:
-        quant = [1 if state.quant_type == "nf4" else 2, state.blocksize, 24, 64]
-        absmax = state.absmax
-        n_absmax = state.nested.absmax if state.nested else None
-        n_code = state.nested.code if state.nested else None
-        offset = state.nested.offset if state.nested else 0.0
+    quant = QuantArgs.dense(w) if state is None else state.op_args()  # the one codec from a QuantState
+    decoded = QuantState.from_op_args(*quant)
+    assert decoded is None if state is None else decoded.op_args() == quant
     args = (x.clone().requires_grad_(), w, bias.clone().requires_grad_(), a.clone().requires_grad_(),
-            b.clone().requires_grad_(), absmax,
-            n_absmax, n_code, quant, offset, 2.0, 0.0, 0)  # fmt: skip
+            b.clone().requires_grad_(), *quant, 2.0, 0.0, 0, "")  # fmt: skip
     torch.library.opcheck(torch.ops.fastlora.lora_linear, args)
     u = x.detach() @ a.detach().T
-    bwd_args = (torch.randn(5, 24), x.detach(), w, a.detach(), b.detach(), u, absmax, n_absmax, n_code, quant, offset,
-                2.0, 0.0, 0, True)  # fmt: skip
+    bwd_args = (torch.randn(5, 24), x.detach(), w, a.detach(), b.detach(), u, *quant, 2.0, 0.0, 0, "", True)
     torch.library.opcheck(torch.ops.fastlora.lora_linear_backward, bwd_args)
