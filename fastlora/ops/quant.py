@@ -10,7 +10,7 @@ references are registered beside them, the kernels here:
     dequantize_4bit      CPU (default), CUDA       CUDA (default)        reference
     merge_4bit           CPU, CUDA (default)       -                     reference
 
-The native kernels are bit-identical to the references (tests/test_native.py).
+The native kernels are bit-identical to the references (tests/test_native_cpu.py).
 """
 
 from __future__ import annotations
