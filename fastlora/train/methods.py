@@ -34,6 +34,7 @@ from torch import nn
 from fastlora.methods import bottleneck, full, lora, prompt
 from fastlora.methods.targets import LM_HEAD, classifier_heads
 from fastlora.methods.tensors import copy_checked
+from fastlora.train.durable import replace_dir
 
 HEAD_FILE = "head.safetensors"
 
@@ -213,15 +214,9 @@ def _atomic_dir(final: str) -> str:
 
 
 def _publish(tmp: str, final: str) -> None:
-    """Replace ``final`` by ``tmp``: the old directory stays whole until the new one is complete."""
-    old = None
-    if os.path.exists(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace ``final`` by ``tmp``, durably (fsynced before and after the rename): the old directory stays whole
+    until the new one is complete (:func:`fastlora.train.durable.replace_dir`)."""
+    replace_dir(tmp, final)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

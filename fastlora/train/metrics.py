@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any
+
+from fastlora.train.durable import fsync_path
+
+_log = logging.getLogger("fastlora")
 
 
 class MetricsLog:
@@ -44,12 +49,28 @@ class MetricsLog:
         rewrite), so the log reads as if the run had never stopped."""
         if not self.main or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    after = record.get("step", 0) > step
+                except (ValueError, AttributeError, TypeError):
+                    # a run killed while appending leaves a torn last line; what it held is logged again
+                    _log.warning("fastlora: %s:%d: skipped a torn line (the run stopped while writing it): %.60r",
+                                 self.path, number, line)  # fmt: skip
+                    continue
+                if not after:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        fsync_path(os.path.dirname(os.path.abspath(self.path)))
 
     def close(self) -> None:
         if self.tb is not None:
