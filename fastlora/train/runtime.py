@@ -97,19 +97,29 @@ def fsdp2_reshard(model: nn.Module) -> None:
             m.reshard()
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # Ctrl-C; what schedulers (Slurm, Kubernetes), timeout and kill send
+
+
 @contextlib.contextmanager
-def sigint_handler(handler: Callable[[int, Any], None], *, install: bool) -> Iterator[None]:
-    """Within the block, Ctrl-C calls ``handler(signum, frame)`` (when ``install``; never on Windows or off the
-    main thread, where Python refuses signal handlers); the previous handler is restored after it."""
-    previous = signal.getsignal(signal.SIGINT)
+def stop_signals(handler: Callable[[int, Any], None], *, install: bool = True) -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM call ``handler(signum, frame)`` (when ``install``; never on
+    Windows or off the main thread, where Python refuses signal handlers); the previous handlers are restored
+    after it."""
+    signals = [getattr(signal, name) for name in STOP_SIGNALS]
+    previous = {s: signal.getsignal(s) for s in signals}
     if install and sys.platform != "win32":
-        with contextlib.suppress(ValueError):  # not the main thread: leave Ctrl-C alone
-            signal.signal(signal.SIGINT, handler)
+        with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
+            for s in signals:
+                signal.signal(s, handler)
     try:
         yield
     finally:
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+sigint_handler = stop_signals  # its earlier name (it handled Ctrl-C only)
 
 
 @contextlib.contextmanager
@@ -243,27 +253,36 @@ def lr_lambda(total: int, warmup: int, schedule: str):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every RNG of this process (torch CPU and CUDA, Python's, NumPy's) as tensors and plain numbers only, so
+    a checkpoint loads with ``torch.load(weights_only=True)``: nothing in it can name code to run."""
+    version, internal, gauss = random.getstate()  # (3, 625 ints < 2**32, None | float)
+    python = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    state = {"torch": torch.get_rng_state(), "python": python}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
-
-        state["numpy"] = np.random.get_state()
     except ImportError:
-        pass
+        return state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", uint32 (624,), int, int, float)
+    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`_rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))  # fmt: skip
 
 
 def _peak_memory_mib(device: torch.device) -> float:

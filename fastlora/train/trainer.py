@@ -5,9 +5,10 @@ loss of a step is the mean over all its examples (classification) or all its res
 (causal LM), whatever the split across micro-batches and ranks, so one process and DDP on the same
 global batch compute the same update.
 
-Checkpoints (every ``save_every`` steps, on Ctrl-C, and at the end) hold the trainable parameters,
+Checkpoints (every ``save_every`` steps, on Ctrl-C or SIGTERM, and at the end) hold the trainable parameters,
 the optimiser and scheduler, every RNG and the step; the data order is a function of (seed, epoch)
-so the position follows from the step. ``--resume`` continues bit for bit.
+so the position follows from the step. ``--resume`` continues bit for bit, and only the same run.
+The output directory belongs to one run at a time (:mod:`fastlora.train.rundir`).
 
 ``run()`` is its phases: set-up (a :class:`Plan`), start (a fresh or resumed :class:`RunState`), the loop
 (step, report, validate, early stop, checkpoint), finish.
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -27,6 +29,7 @@ import torch
 
 from fastlora.methods.files import atomic_write
 from fastlora.train import data as D
+from fastlora.train import rundir
 from fastlora.train.checkpoint import Checkpointer
 from fastlora.train.config import TrainConfig
 from fastlora.train.display import ProgressBar, eval_line, header
@@ -48,6 +51,7 @@ from fastlora.train.runtime import (  # noqa: F401  (re-exported: the trainer's 
     out_of_memory_advice,
     param_groups,
     sigint_handler,
+    stop_signals,
 )
 from fastlora.train.state import Plan, RunState, StepResult, Summary
 
@@ -71,21 +75,29 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.console = console
         self.checkpointer = Checkpointer(cfg, self.dist)
-        self._interrupted = False  # set by Ctrl-C: the loop stops after the current step
+        self._interrupted = False  # set by Ctrl-C or SIGTERM: the loop stops after the current step
 
     def run(self) -> Summary:
         start = time.perf_counter()
-        plan = self._set_up()
-        state = self._start(plan)
-        self._log(header(self.cfg, model=self.model_name, task=self.task, data=self.data_name, n_train=len(
-            self.train_examples), n_val=len(self.val_examples), trainable=self.trainable, total=self.total,
-            steps=plan.total, world=self.dist.world, device=self.device.type))  # fmt: skip
-        progress = ProgressBar(plan.total, state.step, enabled=self.dist.main and self.cfg.progress,
-                               console=self.console)  # fmt: skip
-        ctrl_c = sigint_handler(self._on_sigint, install=self.dist.main)  # finish the step, save, then stop
-        with ctrl_c, progress, out_of_memory_advice(self.cfg.batch_size):
-            self._train(plan, state, progress)
-        return self._finish(state, start)
+        model_path = self.cfg.model or _minilm_path()
+        check_model_dir(model_path)
+        self.checkpointer.identify(model_path)  # fingerprints the model and data, for checkpoints and --resume
+        # before any model loads, so that a refusal comes at once
+        own = rundir.hold(self.cfg, self.dist, self.device, check_resume=self.checkpointer.resumable, log=self._log)
+        with own:
+            plan = self._set_up()
+            state = self._start(plan)
+            self._log(header(self.cfg, model=self.model_name, task=self.task, data=self.data_name, n_train=len(
+                self.train_examples), n_val=len(self.val_examples), trainable=self.trainable, total=self.total,
+                steps=plan.total, world=self.dist.world, device=self.device.type))  # fmt: skip
+            progress = ProgressBar(plan.total, state.step, enabled=self.dist.main and self.cfg.progress,
+                                   console=self.console)  # fmt: skip
+            # Ctrl-C or SIGTERM: finish the step, save, then stop. Every rank listens (torchrun passes a signal on
+            # to each worker) and the ranks agree on the step to stop at (_stop_requested).
+            stop = stop_signals(self._on_stop_signal)
+            with stop, progress, out_of_memory_advice(self.cfg.batch_size):
+                self._train(plan, state, progress)
+            return self._finish(state, start)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -137,9 +149,7 @@ class Trainer:
         return state
 
     def _resume(self, plan: Plan) -> RunState:
-        path = self.checkpointer.latest()
-        if path is None:
-            raise TrainingError(f"fastlora: --resume: no checkpoint under {self.checkpointer.root}")
+        path = self.checkpointer.resumable()
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
         self.metrics.trim(state.step)
         self._log(f"fastlora: resumed from {path} (step {state.step} of {plan.total})")
@@ -265,11 +275,13 @@ class Trainer:
         flag = float(self._interrupted)
         return self.dist.sum([flag], self.device)[0] > 0
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:  # a second Ctrl-C: give up at once
+    def _on_stop_signal(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: stop after the current step with a checkpoint (the CLI then exits 130 for either)."""
+        if self._interrupted:  # a second one: give up at once
             raise KeyboardInterrupt
         self._interrupted = True
-        self._log("fastlora: interrupted; finishing the current step and saving a resumable checkpoint...")
+        name = signal.Signals(signum).name if signum in set(signal.Signals) else str(signum)
+        self._log(f"fastlora: interrupted ({name}); finishing the current step and saving a resumable checkpoint...")
 
     # -- the finish ---------------------------------------------------------------------------
 
