@@ -250,3 +250,30 @@ def test_config_rejects_unsupported_fields():
         LoraConfig(quantize="int8")
     with pytest.raises(ValueError, match="peft_type must be 'LORA'"):
         LoraConfig.from_peft_dict({"peft_type": "IA3", "r": 2, "target_modules": ["q"]})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lora_alpha": float("inf")}, "LoraConfig: lora_alpha must be finite, got inf"),
+        ({"lora_alpha": float("nan")}, "LoraConfig: lora_alpha must be finite, got nan"),
+        ({"lora_alpha": 0}, "LoraConfig: lora_alpha must be > 0, got 0"),
+        ({"lora_alpha": -2.0}, "LoraConfig: lora_alpha must be > 0, got -2.0"),
+        ({"lora_dropout": 1.0}, r"LoraConfig: lora_dropout must be in \[0, 1\), got 1.0"),
+        ({"lora_dropout": -0.5}, r"LoraConfig: lora_dropout must be in \[0, 1\), got -0.5"),
+        ({"lora_dropout": float("nan")}, r"LoraConfig: lora_dropout must be in \[0, 1\), got nan"),
+        ({"r": 0}, "LoraConfig: r must be an int >= 1, got 0"),
+        ({"r": 2.5}, "LoraConfig: r must be an int >= 1, got 2.5"),
+        ({"rank_pattern": {"q_proj": 0}}, r"LoraConfig: rank_pattern\['q_proj'\]: r must be an int >= 1, got 0"),
+        ({"alpha_pattern": {"q_proj": float("inf")}}, r"alpha_pattern\['q_proj'\]: lora_alpha must be finite"),
+        ({"rank_pattern": ["q_proj"]}, "LoraConfig: rank_pattern must be a dict"),
+    ],
+)
+def test_config_range_checks(kwargs, match):
+    """issue 18: lora_alpha=inf was accepted (every output NaN); every hyperparameter is range-checked when the
+    config is made, and a file's values are checked with the file named."""
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**kwargs)
+    raw = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], **kwargs}
+    with pytest.raises(ValueError, match=r"adapter_config\.json: LoraConfig: "):
+        LoraConfig.from_peft_dict(raw)

@@ -1,6 +1,7 @@
 """FastLoRALinear: drop-in behaviour, merge/unmerge, state dicts, devices, autocast, compile, bad input."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from fastlora import FastLoRALinear, native
 from fastlora.kernels.lora_ref import lora_linear_ref
+from fastlora.ops import lora_linear
 from fastlora.quant import dequantize_4bit
 
 QUANTS = [None, "nf4", "fp4"]
@@ -241,13 +243,64 @@ def test_module_moves_keep_statistics_fp32():
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
         ({"lora_dropout": -0.1}, r"got -0.1"),
         ({"init": "pissa"}, "init must be one of"),
+        # issue 18: alpha = inf was accepted and every output was NaN
+        ({"lora_alpha": float("inf")}, "lora_alpha must be finite, got inf"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be finite, got nan"),
+        ({"lora_alpha": -16.0}, "lora_alpha must be > 0, got -16.0"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a number, got '16'"),
+        ({"lora_dropout": float("nan")}, r"lora_dropout must be in \[0, 1\), got nan"),
+        ({"lora_dropout": float("inf")}, r"lora_dropout must be in \[0, 1\), got inf"),
+        ({"lora_dropout": "0.1"}, r"lora_dropout must be in \[0, 1\), got '0.1'"),
+        ({"r": True}, "r must be an int"),
+        ({"r": -1}, "r must be an int .* got -1"),
     ],
-    ids=["r0", "r-too-big", "r-float", "alpha", "dropout-1", "dropout-neg", "init"],
+    ids=[
+        "r0",
+        "r-too-big",
+        "r-float",
+        "alpha",
+        "dropout-1",
+        "dropout-neg",
+        "init",
+        "alpha-inf",
+        "alpha-nan",
+        "alpha-neg",
+        "alpha-str",
+        "dropout-nan",
+        "dropout-inf",
+        "dropout-str",
+        "r-bool",
+        "r-neg",
+    ],
 )
 def test_bad_hyperparameters(kwargs, match):
     args = {"r": 4, "lora_alpha": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
         FastLoRALinear.from_linear(nn.Linear(64, 48), **args)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_custom_quant_map_is_refused(quant):
+    """issue 18: a QuantState with another code table was accepted by the constructor; the forward then used the
+    standard table (the kernels keep it in registers) while dequantize_4bit and merge() used the custom one (max
+    difference 49-61). Refused as QuantState.from_state_dict and from_bnb refuse it, naming the table."""
+    m, _ = _layer(quant)
+    custom = dataclasses.replace(m.quant_state, code=m.quant_state.code * 1.5)
+    with pytest.raises(ValueError, match=rf"FastLoRALinear: quant_map is not the standard {quant} table"):
+        FastLoRALinear(m.weight, m.bias, 4, 8, quant_state=custom)
+    # the functional entry point refuses it too (checked once per state object)
+    with pytest.raises(ValueError, match=rf"lora_linear: quant_map is not the standard {quant} table"):
+        lora_linear(torch.randn(2, 64), m.weight, None, m.lora_A, m.lora_B, 2.0, quant_state=custom)
+    # the standard table still builds, and a state whose tensors do not fit the packed weight is refused
+    FastLoRALinear(m.weight, m.bias, 4, 8, quant_state=m.quant_state)
+    with pytest.raises(ValueError, match="packed weight holds"):
+        FastLoRALinear(m.weight[:-1], m.bias, 4, 8, quant_state=m.quant_state)
+
+
+def test_lora_linear_refuses_a_non_finite_scale():
+    m, _ = _layer(None)
+    with pytest.raises(ValueError, match="scale must be finite, got inf"):
+        lora_linear(torch.randn(2, 64), m.weight, None, m.lora_A, m.lora_B, float("inf"))
 
 
 def test_bad_inputs():

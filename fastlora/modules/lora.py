@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from fastlora.modules.lora_adapter import LoraAdapter, check_lora_hparams
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.quant import merge_4bit
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
-_INITS = ("kaiming", "gaussian", "none")
+_check_hparams = check_lora_hparams  # the name fastlora.methods.lora imported before the split
 _QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
-
-
-class LoraAdapter(nn.Module):
-    """One named adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r), hyperparameters."""
-
-    def __init__(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init, dtype, device):
-        super().__init__()
-        _check_hparams(in_features, out_features, r, lora_alpha, lora_dropout, init)
-        self.r, self.lora_alpha, self.lora_dropout = int(r), float(lora_alpha), float(lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, dtype=dtype, device=device))
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: str = "kaiming") -> None:
-        """PEFT's initialisation: A Kaiming-uniform (or Gaussian, std 1/r), B zero so the layer starts as the base.
-
-        ``init="none"`` draws B like A (a non-identity start, for tests and experiments).
-        """
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init == "none":
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        """(out_features, in_features) fp32 ``s · B A``."""
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
 
 class FastLoRALinear(nn.Module):
@@ -78,6 +44,12 @@ class FastLoRALinear(nn.Module):
         adapter_name: str = "default",
     ) -> None:
         super().__init__()
+        if quant_state is not None and quant_state.device.type != "meta":
+            # The fused kernels use the standard NF4/FP4 tables in registers (the op arguments do not carry
+            # quant_map), while dequantize_4bit and merge() read quant_map: a custom table would make the
+            # forward and the merged weight disagree silently. Refused here as the state-dict and bnb loaders do.
+            quant_state.validate(weight, where="FastLoRALinear")
+            quant_state.check_code_table(where="FastLoRALinear")
         out_features, in_features = quant_state.shape if quant_state is not None else weight.shape
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -373,17 +345,3 @@ class FastLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, base={base}, "
             f"active_adapter={self.active_adapter!r}, merged={self.merged}, disabled={self.disabled}"
         )
-
-
-def _check_hparams(in_features, out_features, r, alpha, dropout, init) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= min(in_features, out_features):
-        raise ValueError(
-            f"FastLoRALinear: r must be an int in [1, min(in_features, out_features)] = "
-            f"[1, {min(in_features, out_features)}], got {r!r}"
-        )
-    if not alpha > 0:
-        raise ValueError(f"FastLoRALinear: lora_alpha must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"FastLoRALinear: lora_dropout must be in [0, 1), got {dropout!r}")
-    if init not in _INITS:
-        raise ValueError(f"FastLoRALinear: init must be one of {_INITS}, got {init!r}")

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from fastlora.methods.files import write_json
+from fastlora.modules.lora_adapter import check_lora_hparams
 
 # Fields peft's LoraConfig has that fastlora also honours; everything written to adapter_config.json.
 _PEFT_FIELDS = (
@@ -77,6 +78,15 @@ class LoraConfig:
             )
         if self.quantize not in (None, "nf4", "fp4"):
             raise ValueError(f"LoraConfig: quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
+        # the layer checks r against its shape when the adapter is added; here what needs no model
+        check_lora_hparams(None, None, self.r, self.lora_alpha, self.lora_dropout, where="LoraConfig")
+        for field in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, field), dict):
+                raise ValueError(f"LoraConfig: {field} must be a dict, got {getattr(self, field)!r}")
+        for pattern, r in self.rank_pattern.items():
+            check_lora_hparams(None, None, r, 1.0, 0.0, where=f"LoraConfig: rank_pattern[{pattern!r}]")
+        for pattern, alpha in self.alpha_pattern.items():
+            check_lora_hparams(None, None, 1, alpha, 0.0, where=f"LoraConfig: alpha_pattern[{pattern!r}]")
 
     @property
     def init(self) -> str:
@@ -114,7 +124,7 @@ class LoraConfig:
         kwargs.pop("inference_mode", None)
         try:
             return cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from e
 
     def save(self, path: str) -> None:
