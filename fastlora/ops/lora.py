@@ -8,9 +8,17 @@ Chain rule (g = dL/dy, s = scale, d = LoRA dropout, u = d(x) Aᵀ saved from the
 
 Saved for backward: x, u, the frozen weight (packed when 4-bit) and the dropout seed; never a
 dequantised W nor an M×N tensor. The skinny products (u, v, dA, dB) go through torch/cuBLAS.
+
+Where s is applied: on the fp32 accumulator of the product it scales (``addmm``'s alpha, the Triton
+kernel's B term), never on an fp16/bf16 operand. ``(s·u) Bᵀ`` overflows fp16 as soon as |s·u| > 65504
+(alpha 2048, r 8, |x| ≈ 300: every output inf/NaN, the exact ones below 1000); ``s·(u Bᵀ)`` in fp32
+rounds once and overflows only where the exact result does.
 """
 
 from __future__ import annotations
+
+import math
+import weakref
 
 import torch
 
@@ -61,7 +69,13 @@ def _fwd_triton(x, weight, state, bias, u, lora_b, scale):
 @dispatch.register(OP, "torch")
 def _fwd_torch(x, weight, state, bias, u, lora_b, scale):
     y = torch.nn.functional.linear(x, _dense_weight(weight, state, x.dtype), bias)
-    return y + (u * scale) @ lora_b.T
+    return torch.addmm(y, u, lora_b.T, alpha=scale)  # y + s·(u Bᵀ), s on the fp32 accumulator: one rounding
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · a @ b`` with the scale applied to the fp32 accumulator (addmm's alpha on CPU and cuBLAS),
+    so an fp16/bf16 result overflows only where the exact one does. a: (M, K), b: (K, N)."""
+    return torch.addmm(a.new_zeros(()).expand(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
 
 
 # backward input gradient (grad, weight, state, v, lora_a) -> g W + v A (v A skipped when v is None)
@@ -139,8 +153,8 @@ def _lora_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
                                     nested_offset)  # fmt: skip
-    v = (grad @ lora_b) * scale
-    grad_b = (grad.T @ u) * scale
+    v = _scaled_mm(grad, lora_b, scale)  # s·g B
+    grad_b = _scaled_mm(grad.T, u, scale)  # s·gᵀ u
     grad_a = v.T @ apply_dropout(x, dropout_p, seed)
     if not needs_dx:
         return x.new_empty((0,)), grad_a, grad_b
@@ -209,6 +223,10 @@ def lora_linear(
     Returns:
         (..., N) in x's dtype. Differentiable in x, bias, lora_a and lora_b.
     """
+    if not math.isfinite(scale):
+        raise ValueError(f"fastlora lora_linear: scale must be finite, got {scale!r}")
+    if quant_state is not None:
+        _check_code_table(quant_state)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -218,3 +236,15 @@ def lora_linear(
     y, _ = torch.ops.fastlora.lora_linear(x2, weight, bias, lora_a, lora_b, *quant, float(scale), float(dropout_p),
                                           int(seed), backend or "")  # fmt: skip
     return y.view(*lead, y.shape[-1])
+
+
+_STANDARD_TABLE: weakref.WeakSet[QuantState] = weakref.WeakSet()  # states whose quant_map was checked
+
+
+def _check_code_table(state: QuantState) -> None:
+    """The op carries no quant_map (every path uses the standard NF4/FP4 table): refuse a state with another
+    one. Checked once per state object (a device sync on CUDA), never while torch.compile traces."""
+    if torch.compiler.is_compiling() or state.code.device.type == "meta" or state in _STANDARD_TABLE:
+        return
+    state.check_code_table(where="fastlora lora_linear")
+    _STANDARD_TABLE.add(state)
