@@ -444,8 +444,8 @@ def test_kill_9_at_random_moments_resumes_to_the_same_end(tmp_path, tiny_bert, d
             break
         assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
         kills += 1
-        print(f"killed at {sorted(os.listdir(out / 'checkpoints')) if (out / 'checkpoints').is_dir() else []}, "
-              f"{sorted(os.listdir(out))}")
+        ckpts = out / "checkpoints"  # shown if the test fails: where the kill landed
+        print("killed with", sorted(os.listdir(out)), sorted(os.listdir(ckpts)) if ckpts.is_dir() else [])
     assert proc.returncode == 0 and kills >= 2, (kills, thresholds)
     _same_end(str(out), str(want))
     leftovers = [n for n in os.listdir(out) + os.listdir(out / "checkpoints") if ".tmp" in n or n.endswith(".old")]
