@@ -21,8 +21,8 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; an error a user or the machine can cause is one ``fastlora: ...``
-    line on stderr and exit 2 (argparse's usage errors exit 2 too), never a traceback."""
+    """Parse ``argv`` and run the command. An error a user or the machine can cause is one ``fastlora: ...``
+    line on stderr and exit 2 (as argparse's usage errors), not a traceback; only a bug keeps its traceback."""
     _setup_logging()
     parser = argparse.ArgumentParser(prog="fastlora", description="Kernel-optimised LoRA/QLoRA for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -60,6 +60,7 @@ def _finetune(args) -> int:
     from fastlora.train.trainer import Trainer
 
     cfg = config_from_args(args)  # every setting range-checked
+    args.output_dir = cfg.output_dir  # (it may come from --config) for the error messages of run()
     # outputs checked before the model loads (the run directory's ownership is the trainer's to check)
     guards.check_writable(cfg.output_dir, "--output-dir", inside=True)
     if args.summary_json:
