@@ -1,10 +1,14 @@
 """Build script: package metadata lives in pyproject.toml; this adds the native extension.
 
-``fastlora._C`` (csrc/, see csrc/README.md) is built with ``torch.utils.cpp_extension`` and ninja:
+``fastlora._C`` (csrc/, see csrc/README.md) is built with ``torch.utils.cpp_extension`` and ninja
+when torch is importable at build time (``pip install --no-build-isolation``, as ``make`` does):
 the OpenMP CPU kernels always, the CUDA kernels too when torch has CUDA and nvcc is found
-(SASS for sm_80, sm_89, sm_90 plus PTX). torch must be importable at build time, so install with
-``pip install --no-build-isolation``. A build that cannot run or fails never fails the install:
-a warning is printed and fastlora installs as pure Python (the Triton/PyTorch paths).
+(SASS for sm_80, sm_89, sm_90 plus PTX). A plain ``pip install .`` builds in an isolated
+environment without torch (pulling a multi-GB torch into it would also build against another torch
+than the one that runs it): then nothing is compiled here, and fastlora compiles the same sources
+on first use into its cache (fastlora/native/loader.py). Either way the sources are copied into the
+package as ``fastlora/_csrc`` for that. A build that cannot run or fails never fails the install:
+a warning is printed and the first use compiles instead (or the Triton/PyTorch paths run).
 
 Environment:
     FASTLORA_NO_EXT=1        skip native code entirely
@@ -18,11 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,8 +41,8 @@ def _env(name: str) -> bool:
 def _warn(message: str) -> None:
     bar = "*" * 100
     print(
-        f"\n{bar}\nfastlora: {message}\nfastlora: installing without native kernels; the Triton and PyTorch paths "
-        f"are unaffected. Rebuild later with `python setup.py build_ext --inplace` (see csrc/README.md).\n{bar}\n",
+        f"\n{bar}\nfastlora: {message}\nfastlora: installing without native kernels; they are compiled on first use "
+        f"(FASTLORA_NO_JIT=1 opts out), or with `python setup.py build_ext --inplace` (see csrc/README.md).\n{bar}\n",
         file=sys.stderr,
         flush=True,
     )
@@ -55,12 +62,17 @@ def _native_extension() -> tuple[list, dict]:
         print("fastlora: FASTLORA_NO_EXT is set; installing without native kernels", file=sys.stderr)
         return [], {}
     try:
-        import torch
-        from torch.utils import cpp_extension
+        with warnings.catch_warnings():
+            # torch warns when numpy is not installed yet (pip installs it after this build): the build needs no numpy
+            warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+            import torch
+            from torch.utils import cpp_extension
     except Exception as e:
         if force:
             raise RuntimeError(f"fastlora: FASTLORA_FORCE_EXT is set but torch is not importable: {e}") from e
-        _warn(f"torch is not importable at build time ({e}); install torch, then `pip install --no-build-isolation`")
+        # pip's isolated build: the usual case for `pip install .`, not a problem worth a banner
+        print(f"fastlora: torch is not importable at build time ({e}); the native kernels are compiled on first use",
+              file=sys.stderr)  # fmt: skip
         return [], {}
 
     cfg = _build_config()
@@ -108,5 +120,21 @@ def _native_extension() -> tuple[list, dict]:
     return [ext], {"build_ext": OptionalBuildExt}
 
 
+class BuildPyWithSources(build_py):
+    """build_py that also puts csrc/ (sources, headers, build.py) into the package as ``fastlora/_csrc``:
+    an installed fastlora compiles them on first use when no ``fastlora._C`` was built. An editable
+    install reads the checkout's csrc/ instead."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fastlora" / "_csrc"
+        for source in _build_config().all_files():
+            dest = target / Path(source).relative_to(HERE / "csrc")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest)
+
+
 ext_modules, cmdclass = _native_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

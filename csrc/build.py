@@ -96,9 +96,10 @@ def cuda_archs() -> list[str]:
     return archs
 
 
-def nvcc_flags() -> list[str]:
-    """SASS for each architecture plus PTX of the newest, so later GPUs JIT-compile it."""
-    archs = cuda_archs()
+def nvcc_flags(archs: list[str] | None = None) -> list[str]:
+    """SASS for each architecture (``archs``, default :func:`cuda_archs`) plus PTX of the newest, so later
+    GPUs JIT-compile it."""
+    archs = archs or cuda_archs()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     # --threads=0: the architectures compile in parallel, one thread per CPU
