@@ -107,7 +107,7 @@ def clean_leftovers(directory: str) -> list[str]:
             path = os.path.join(where, entry)
             base, dot, rest = entry.partition(".")
             ours = STEP.fullmatch(base) if names is None else base in names
-            if not ours or not dot or not (rest.startswith("tmp") or rest == "old"):
+            if not ours or not dot or not (rest in ("tmp", "old") or rest.startswith("tmp-")):
                 continue
             final = os.path.join(where, base)
             if rest == "old" and not os.path.exists(final):
@@ -137,7 +137,8 @@ def run_files(directory: str) -> list[str]:
 def claim(directory: str, *, resume: bool, overwrite: bool, log: Callable[[str], None]) -> RunLock:
     """Own ``directory`` for a run: create it, lock it (:class:`RunLock`), clean a killed run's leftovers and,
     for a fresh run, make sure no other run's files are there (``overwrite``: delete them). Returns the lock,
-    which the caller releases when the run ends. Raises :class:`TrainingError` before anything is changed."""
+    which the caller releases when the run ends. A refusal (:class:`TrainingError`) comes before any run file
+    is deleted."""
     if resume and overwrite:
         raise TrainingError("fastlora: --resume continues the run in --output-dir and --overwrite deletes it; "
                             "pass one of them")  # fmt: skip
@@ -182,7 +183,7 @@ def hold(cfg: TrainConfig, dist: Dist, device: torch.device, *, check_resume: Ca
             lock = claim(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)
             if cfg.resume:
                 check_resume()
-        except TrainingError as e:
+        except Exception as e:  # any failure: the other ranks must not wait in the collective below
             error = e
     refused = dist.sum([float(error is not None)], device)[0]
     try:
