@@ -21,10 +21,13 @@ from fastlora.methods.bottleneck import (
     inject_adapters,
     load_adapters,
 )
+from fastlora.methods.files import INTEGRITY_NAME
 from fastlora.methods.wrapper import ModulesToSave
 from fastlora.modules import FastAdapter
 
 VOCAB = 97
+
+SAVED_FILES = ["adapter_config.json", "adapter_model.safetensors", INTEGRITY_NAME]  # sorted
 
 
 def _llama(seed=0, hidden=32):
@@ -178,7 +181,7 @@ def test_save_holds_only_trained_params_and_reloads(kind, tmp_path):
         with torch.no_grad():
             model.model.classifier.trained.default.weight.add_(0.5)  # a trained head
     model.save_adapter(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    assert sorted(os.listdir(tmp_path)) == SAVED_FILES  # no temp files left
 
     from safetensors.torch import load_file
 
@@ -200,7 +203,7 @@ def test_save_holds_only_trained_params_and_reloads(kind, tmp_path):
     trainable_again = load_adapters(BUILD[kind](), str(tmp_path), is_trainable=True)
     assert trainable_again.parameter_counts()[0] == sum(t.numel() for t in tensors.values())
     model.save_adapter(str(tmp_path))  # overwriting replaces the files whole
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == SAVED_FILES
 
 
 @pytest.mark.parametrize(("placement", "r"), [("houlsby", 16), ("pfeiffer", 64), ("parallel", 32)])

@@ -9,6 +9,9 @@ from torch import nn
 
 import fastlora
 from fastlora import FastLoRALinear, LoraConfig
+from fastlora.methods.files import INTEGRITY_NAME
+
+SAVED_FILES = ["adapter_config.json", "adapter_model.safetensors", INTEGRITY_NAME]  # sorted
 
 
 class Toy(nn.Module):
@@ -143,7 +146,7 @@ def test_save_load_round_trip_and_files(tmp_path):
     )
     x = torch.randn(3, 16)
     model.save_adapter(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == SAVED_FILES  # no temp files left
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["target_modules"] == ["q_proj"]
     assert "quantize" not in config  # fastlora-only fields stay out of peft's file
@@ -151,7 +154,7 @@ def test_save_load_round_trip_and_files(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
     assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False: inference
     model.save_adapter(str(tmp_path))  # overwriting replaces the files whole
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == SAVED_FILES
 
 
 def test_bnb_linear4bit_model_is_accepted_as_is():

@@ -52,9 +52,14 @@ class Method(Protocol):
         :meth:`adapter_state_dict` (e.g. FSDP shards gathered by the caller)."""
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str, *, is_trainable: bool = False) -> Method:
+    def load(
+        cls, model: nn.Module, directory: str, *, is_trainable: bool = False, allow_base_mismatch: bool = False
+    ) -> Method:
         """``model`` (a fresh host) wrapped with the method saved in ``directory``; on any error the host is
-        unchanged. ``is_trainable=False`` loads for inference (nothing requires grad)."""
+        unchanged. ``is_trainable=False`` loads for inference (nothing requires grad). A tensor file that does
+        not match its recorded sha256 is an error; so is a host that does not match the recorded base
+        fingerprint, unless ``allow_base_mismatch=True`` (a warning then). See
+        :mod:`fastlora.methods.fingerprint`."""
 
     def disable(self) -> contextlib.AbstractContextManager[None]:
         """Within the block the model computes what its host computes alone."""

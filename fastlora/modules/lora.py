@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastlora.modules.lora_adapter import LoraAdapter, check_lora_hparams
+from fastlora.modules.lora_adapter import LoraAdapter
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.quant import merge_4bit
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
-_check_hparams = check_lora_hparams  # the name fastlora.methods.lora imported before the split
 _QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
 

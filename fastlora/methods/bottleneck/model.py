@@ -14,7 +14,8 @@ from torch import nn
 
 from fastlora.methods.bottleneck.config import ADAPTER_TYPE, AUTO_TARGETS, AdapterConfig
 from fastlora.methods.bottleneck.layer import AdapterLayer
-from fastlora.methods.files import CONFIG_NAME, read_files, write_files
+from fastlora.methods.files import CONFIG_NAME, read_saved, write_files
+from fastlora.methods.fingerprint import base_fingerprint, check_integrity, host_weights
 from fastlora.methods.lora.model import LoraModel
 from fastlora.methods.targets import close_names, outermost, select
 from fastlora.methods.tensors import check_tensors, copy_checked
@@ -201,26 +202,33 @@ class AdapterModel(WrappedModel):
 
     def save(self, directory: str, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write ``adapter_model.safetensors`` (the trained tensors only, or ``tensors``) and
-        ``adapter_config.json``, each atomically (temporary file + rename), weights first."""
+        ``adapter_config.json``, each atomically (temporary file + rename), weights first; beside them the
+        weights' sha256 and a fingerprint of the host's own weights (``fastlora_integrity.json``)."""
         config = {**self.adapter_config.to_dict(), "base_model_class": type(self.model).__name__}
         config["model_type"] = getattr(getattr(self.model, "config", None), "model_type", None)
         tensors = self.adapter_state_dict() if tensors is None else tensors
-        write_files(directory, config, tensors, metadata={"fastlora_adapter": ADAPTER_TYPE})
+        added = [layer.adapter for _, layer in self.adapter_layers()] + [m for _, m in self.saved_modules()]
+        write_files(directory, config, tensors, metadata={"fastlora_adapter": ADAPTER_TYPE},
+                    base_fingerprint=base_fingerprint(host_weights(self.model, added)))  # fmt: skip
 
     def save_adapter(self, directory: str) -> None:
         """peft's name for :meth:`save`."""
         self.save(directory)
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str, *, is_trainable: bool = False) -> AdapterModel:
+    def load(
+        cls, model: nn.Module, directory: str, *, is_trainable: bool = False, allow_base_mismatch: bool = False
+    ) -> AdapterModel:
         """``model`` with the adapters saved in ``directory`` by :meth:`save`.
 
         Every key and shape is checked against ``model`` before it is touched: on any error (missing or
         corrupt files, another architecture, other widths or r) a ``ValueError``/``FileNotFoundError``
-        names the problem and the model is left unchanged. ``is_trainable=False`` loads for inference
-        (nothing requires grad).
+        names the problem and the model is left unchanged. A tensor file whose sha256 differs from the
+        recorded one is such an error, and so is a host whose weights do not match the recorded base
+        fingerprint, unless ``allow_base_mismatch=True`` (then a warning). ``is_trainable=False`` loads for
+        inference (nothing requires grad).
         """
-        config, raw, tensors = _read(directory)
+        config, raw, tensors, record = _read(directory)
         source = raw.get("base_model_class") or "an unknown model"
         here = type(model).__name__
         where = f"{directory}: adapters saved from {source} do not fit {here}"
@@ -229,6 +237,8 @@ class AdapterModel(WrappedModel):
         except ValueError as e:
             raise ValueError(f"fastlora: {where}: {str(e).removeprefix('fastlora: ')}") from e
         check_tensors(_expected_shapes(plan, saved, config.r), tensors, where, owner=here)
+        check_integrity(directory, record, host_weights(model, [m for _, m in saved]),
+                        allow_base_mismatch=allow_base_mismatch)  # fmt: skip
         adapted = cls(model, config)
         copy_checked(adapted.adapter_state_dict(), tensors, where, owner=here)
         if not is_trainable:
@@ -253,11 +263,13 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | None = None, **ove
     return AdapterModel(model, config)
 
 
-def _read(directory: str) -> tuple[AdapterConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    raw, tensors = read_files(directory)
-    return AdapterConfig.from_dict(raw, where=os.path.join(directory, CONFIG_NAME)), raw, tensors
+def _read(directory: str) -> tuple[AdapterConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    raw, tensors, record = read_saved(directory)
+    return AdapterConfig.from_dict(raw, where=os.path.join(directory, CONFIG_NAME)), raw, tensors, record
 
 
-def load_adapters(model: nn.Module, directory: str, *, is_trainable: bool = False) -> AdapterModel:
+def load_adapters(
+    model: nn.Module, directory: str, *, is_trainable: bool = False, allow_base_mismatch: bool = False
+) -> AdapterModel:
     """``model`` with the adapters saved in ``directory``: :meth:`AdapterModel.load`."""
-    return AdapterModel.load(model, directory, is_trainable=is_trainable)
+    return AdapterModel.load(model, directory, is_trainable=is_trainable, allow_base_mismatch=allow_base_mismatch)

@@ -19,9 +19,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from fastlora.methods.fingerprint import base_fingerprint, check_integrity
 from fastlora.methods.lora.config import LoraConfig
-from fastlora.methods.lora.files import PREFIX, read_lora_files, save_lora_files
+from fastlora.methods.lora.files import PREFIX, read_lora_dir, save_lora_files
 from fastlora.methods.lora.targets import (
+    base_weights,
     bnb_linear4bit,
     expected_shapes,
     features,
@@ -32,7 +34,8 @@ from fastlora.methods.lora.targets import (
 from fastlora.methods.targets import present
 from fastlora.methods.tensors import check_tensors, copy_checked
 from fastlora.methods.wrapper import ModulesToSave, WrappedModel, set_module
-from fastlora.modules.lora import FastLoRALinear, _check_hparams
+from fastlora.modules.lora import FastLoRALinear
+from fastlora.modules.lora_adapter import check_lora_hparams
 from fastlora.quant import dequantize_4bit
 
 
@@ -79,7 +82,7 @@ class LoraModel(WrappedModel):
         targets, saved = lora_targets(self.model, config), saved_targets(self.model, config)
         for path, module in targets:  # validate everything before touching the model
             r, alpha = config.r_and_alpha(path)
-            _check_hparams(*features(module), r, alpha, config.lora_dropout, config.init)
+            check_lora_hparams(*features(module), r, alpha, config.lora_dropout, config.init)
         try:
             for path, module in targets:
                 r, alpha = config.r_and_alpha(path)
@@ -230,10 +233,13 @@ class LoraModel(WrappedModel):
         self, directory: str, tensors: Mapping[str, torch.Tensor] | None = None, *, adapter_name: str | None = None
     ) -> None:
         """Write adapter ``adapter_name`` (default: the active one) in peft's layout (safetensors +
-        adapter_config.json), each file atomically; ``tensors`` replaces its :meth:`adapter_state_dict`."""
+        adapter_config.json), each file atomically; ``tensors`` replaces its :meth:`adapter_state_dict`.
+        The config records the weights' sha256 and a fingerprint of the adapted base weights as loaded."""
         name = adapter_name or self.active_adapter
         config = dataclasses.replace(self._require(name), inference_mode=True)
-        save_lora_files(directory, config, self.adapter_state_dict(name) if tensors is None else tensors)
+        layers = [(path, layer) for path, layer in self.lora_layers() if name in layer.adapters]
+        save_lora_files(directory, config, self.adapter_state_dict(name) if tensors is None else tensors,
+                        base_fingerprint=base_fingerprint(base_weights(layers)))  # fmt: skip
 
     def save_adapter(self, directory: str, adapter_name: str | None = None) -> None:
         """Write only the adapter (peft layout, safetensors + adapter_config.json), each file atomically."""
@@ -241,18 +247,37 @@ class LoraModel(WrappedModel):
 
     @classmethod
     def load(
-        cls, model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        directory: str,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        *,
+        allow_base_mismatch: bool = False,
     ) -> LoraModel:
-        """A base model plus the adapter saved in ``directory`` (by fastlora or peft)."""
+        """A base model plus the adapter saved in ``directory`` (by fastlora or peft); see :meth:`load_adapter`."""
         lora = model if isinstance(model, LoraModel) else cls(model)
-        lora.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        lora.load_adapter(directory, adapter_name, is_trainable=is_trainable, allow_base_mismatch=allow_base_mismatch)
         return lora
 
-    def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = True) -> None:
-        """Load an adapter saved by fastlora or by ``peft``; on any error the model is left unchanged."""
+    def load_adapter(
+        self,
+        directory: str,
+        adapter_name: str = "default",
+        is_trainable: bool = True,
+        *,
+        allow_base_mismatch: bool = False,
+    ) -> None:
+        """Load an adapter saved by fastlora or by ``peft``; on any error the model is left unchanged.
+
+        A tensor file whose sha256 differs from the one its config records is an error naming it. An
+        adapter whose recorded base fingerprint does not match this model's adapted weights (another base
+        of the same shapes) is an error too, or with ``allow_base_mismatch=True`` a warning and a load.
+        peft's files record neither and load unchecked.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"fastlora: adapter {adapter_name!r} is already loaded (have {list(self.peft_config)})")
-        config, tensors = read_lora_files(directory)
+        config, tensors, record = read_lora_dir(directory)
         if config.modules_to_save:  # peft lists both "classifier" and "score" for SEQ_CLS: keep those present
             kept = present(self.model, config.modules_to_save, any_suffix=True)
             config = dataclasses.replace(config, modules_to_save=kept or None)
@@ -263,6 +288,9 @@ class LoraModel(WrappedModel):
             "note": f"; expected keys like {next(iter(expected), None)!r}",
         }
         check_tensors(expected, tensors, directory, **options)
+        # after the names and shapes, which say more precisely what does not fit
+        check_integrity(directory, record, base_weights(lora_targets(self.model, config)),
+                        allow_base_mismatch=allow_base_mismatch)  # fmt: skip
         self.add_adapter(adapter_name, config)
         copy_checked(self.adapter_state_dict(adapter_name), tensors, directory, **options)
         if not is_trainable:
@@ -293,6 +321,14 @@ def inject(
     return LoraModel(model, config, adapter_name)
 
 
-def load(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> LoraModel:
-    """A base model plus the adapter saved in ``directory`` (by fastlora or peft): :meth:`LoraModel.load`."""
-    return LoraModel.load(model, directory, adapter_name, is_trainable)
+def load(
+    model: nn.Module,
+    directory: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    *,
+    allow_base_mismatch: bool = False,
+) -> LoraModel:
+    """A base model plus the adapter saved in ``directory`` (by fastlora or peft): :meth:`LoraModel.load`
+    (``allow_base_mismatch=True``: load on another base than the recorded one, with a warning)."""
+    return LoraModel.load(model, directory, adapter_name, is_trainable, allow_base_mismatch=allow_base_mismatch)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastlora.methods.fingerprint import BaseWeight
 from fastlora.methods.lora.config import LoraConfig
 from fastlora.methods.lora.files import PREFIX
 from fastlora.methods.targets import CLASSIFIER_HEADS, LM_HEAD, matches, no_match, select, select_each
 from fastlora.methods.wrapper import ModulesToSave
 from fastlora.modules.lora import FastLoRALinear
+from fastlora.quant import QuantState
 
 
 def bnb_linear4bit() -> type | None:
@@ -84,3 +86,23 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
         for key, value in base.state_dict().items():
             shapes[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
     return shapes
+
+
+def base_weights(layers: list[tuple[str, nn.Module]]) -> list[BaseWeight] | None:
+    """The base weights of LoRA target layers for :func:`~fastlora.methods.fingerprint.base_fingerprint`: a
+    FastLoRALinear's frozen weight and 4-bit state (its original while merged; None when a merge without
+    ``keep_original`` lost it), a Linear4bit's packed weight and state, an nn.Linear's weight."""
+    out: list[BaseWeight] = []
+    for path, module in layers:
+        if isinstance(module, FastLoRALinear):
+            weight, state = module.weight, module.quant_state
+            if module.merged:
+                if module._stash is None:
+                    return None
+                weight, state = module._stash
+        else:
+            weight = module.weight
+            bnb_state = getattr(weight, "quant_state", None)
+            state = QuantState.from_bnb(bnb_state) if bnb_state is not None else None
+        out.append((path, weight, state))
+    return out

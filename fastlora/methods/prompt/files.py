@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.methods.files import CONFIG_NAME, read_files
+from fastlora.methods.files import CONFIG_NAME, read_saved
 from fastlora.methods.prompt.config import PrefixTuningConfig, PromptConfig, PromptTuningConfig, PTuningConfig
 from fastlora.methods.prompt.encoders import PromptEmbedding, build_encoder
 from fastlora.methods.prompt.host import HostDims
@@ -105,14 +105,17 @@ def config_from_peft(raw: Any, where: str) -> PromptConfig:
     raise ValueError(f"fastlora: {where}: peft_type must be PROMPT_TUNING, P_TUNING or PREFIX_TUNING, found {kind!r}")
 
 
-def read_prompt(directory: str, model: nn.Module) -> tuple[dict[str, Any], PromptConfig, dict[str, torch.Tensor]]:
-    """The raw adapter_config.json, the config and the tensors of a saved prompt. ``modules_to_save`` keeps
-    the heads ``model`` has (peft lists both ``classifier`` and ``score`` for SEQ_CLS), [] if none: a loaded
-    prompt never trains heads implicitly."""
-    raw, tensors = read_files(directory, what="prompt")
+def read_prompt(
+    directory: str, model: nn.Module
+) -> tuple[dict[str, Any], PromptConfig, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The raw adapter_config.json, the config, the tensors of a saved prompt and the integrity record
+    beside them (None: none, e.g. peft's; not verified yet, see :func:`fastlora.methods.files.read_saved`).
+    ``modules_to_save`` keeps the heads ``model`` has (peft lists both ``classifier`` and ``score`` for
+    SEQ_CLS), [] if none: a loaded prompt never trains heads implicitly."""
+    raw, tensors, record = read_saved(directory, what="prompt")
     config = config_from_peft(raw, os.path.join(directory, CONFIG_NAME))
     heads = sorted(set(present(model, config.modules_to_save))) if config.modules_to_save else []
-    return raw, dataclasses.replace(config, modules_to_save=heads), tensors
+    return raw, dataclasses.replace(config, modules_to_save=heads), tensors, record
 
 
 def check_dims(raw: dict[str, Any], config: PromptConfig, model: nn.Module, dims: HostDims, where: str) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastlora.methods.files import CONFIG_NAME, WEIGHTS_NAME, write_files
+from fastlora.methods.fingerprint import base_fingerprint, check_integrity, host_weights
 from fastlora.methods.prompt.config import PrefixTuningConfig, PromptConfig, PromptTuningConfig, PTuningConfig
 from fastlora.methods.prompt.encoders import PromptEmbedding, build_encoder, inference_values
 from fastlora.methods.prompt.files import (
@@ -238,27 +239,37 @@ class PromptModel(WrappedModel):
 
     def save(self, directory: str, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the trained prompt (:meth:`adapter_state_dict`, or ``tensors``) and adapter_config.json,
-        each file atomically; peft loads the result (it reads ``prompt_embeddings``)."""
-        write_files(directory, self.to_peft_dict(), self.adapter_state_dict() if tensors is None else tensors)
+        each file atomically; peft loads the result (it reads ``prompt_embeddings``). Beside them the
+        weights' sha256 and a fingerprint of the host's weights outside the heads (fastlora_integrity.json)."""
+        heads = [self.model.get_submodule(p) for p in self.head_paths]
+        write_files(directory, self.to_peft_dict(), self.adapter_state_dict() if tensors is None else tensors,
+                    base_fingerprint=base_fingerprint(host_weights(self.model, heads)))  # fmt: skip
 
     def save_adapter(self, directory: str) -> None:
         """peft's name for :meth:`save`."""
         self.save(directory)
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str, *, is_trainable: bool = False) -> PromptModel:
+    def load(
+        cls, model: nn.Module, directory: str, *, is_trainable: bool = False, allow_base_mismatch: bool = False
+    ) -> PromptModel:
         """A host plus the prompt saved in ``directory`` (by :meth:`save` or by peft: PROMPT_TUNING,
         P_TUNING, PREFIX_TUNING). A file holding only ``prompt_embeddings`` (peft's, or a folded one) gives a
         folded model. Every check runs before the host is touched: on any error the host is unchanged.
-        ``is_trainable=False`` freezes the prompt and heads (inference)."""
-        raw, config, tensors = read_prompt(directory, model)
+        ``is_trainable=False`` freezes the prompt and heads (inference). A tensor file whose sha256 differs
+        from the recorded one is an error, and so is a host whose weights do not match the recorded base
+        fingerprint unless ``allow_base_mismatch=True`` (then a warning)."""
+        raw, config, tensors, record = read_prompt(directory, model)
         dims = host_dims(model)
         check_dims(raw, config, model, dims, os.path.join(directory, CONFIG_NAME))
         weights = os.path.join(directory, WEIGHTS_NAME)
         encoder = load_encoder(config, model, dims, tensors, weights)
-        targets, saved = head_targets(head_modules(model, config.modules_to_save)), head_entries(tensors)
+        heads = head_modules(model, config.modules_to_save)
+        targets, saved = head_targets(heads), head_entries(tensors)
         unknown = f"key {{key!r}} has no place in {type(model).__name__} (modules_to_save {config.modules_to_save})"
         check_tensors(targets, saved, weights, unknown=unknown)
+        check_integrity(directory, record, host_weights(model, [m for _, m in heads]),
+                        allow_base_mismatch=allow_base_mismatch)  # fmt: skip
         prompt = cls(model, config, _encoder=encoder)
         copy_checked(targets, saved, weights, unknown=unknown)
         if not is_trainable:
@@ -273,6 +284,8 @@ def inject_prompt(model: nn.Module, config: PromptConfig) -> PromptModel:
     return PromptModel(model, config)
 
 
-def load_prompt(model: nn.Module, directory: str, is_trainable: bool = False) -> PromptModel:
+def load_prompt(
+    model: nn.Module, directory: str, is_trainable: bool = False, *, allow_base_mismatch: bool = False
+) -> PromptModel:
     """A host plus the prompt saved in ``directory`` (by fastlora or peft): :meth:`PromptModel.load`."""
-    return PromptModel.load(model, directory, is_trainable=is_trainable)
+    return PromptModel.load(model, directory, is_trainable=is_trainable, allow_base_mismatch=allow_base_mismatch)
