@@ -22,57 +22,9 @@ import triton.language as tl
 
 from fastlora import _alloc, dispatch
 from fastlora.kernels.primitives import launch, mma, round_to_bf16_bits
-from fastlora.kernels.quant4 import code_value, load_absmax
+from fastlora.kernels.quant4 import w4_tile
 from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
 from fastlora.quant.state import QuantState
-
-
-@triton.jit
-def _w4_tile(
-    w_ptr,
-    absmax_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    offset,
-    log2_blocksize,
-    rows,
-    c0,
-    N,
-    K,
-    ALIGNED: tl.constexpr,
-    FP4: tl.constexpr,
-    NESTED: tl.constexpr,
-    ROWS: tl.constexpr,
-    BC: tl.constexpr,
-):
-    """fp32 tile ``W[rows, c0 : c0 + BC]`` of a 4-bit (N, K) W, zero outside W.
-
-    ALIGNED (K even, K % blocksize == 0, c0 even): the bytes load as a [ROWS, BC/2] tile and
-    split into nibbles; absmax loads once per 32 columns (the smallest blocksize) and is
-    broadcast. Otherwise (odd K, blocks across rows) every element gathers its byte and absmax.
-    """
-    cols = c0 + tl.arange(0, BC)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    if ALIGNED:
-        half = tl.arange(0, BC // 2)
-        byte = tl.load(
-            w_ptr + rows[:, None] * (K // 2) + (c0 // 2 + half)[None, :],
-            mask=(rows < N)[:, None] & ((c0 + 2 * half) < K)[None, :],
-            other=0,
-        ).to(tl.int32)
-        idx = tl.reshape(tl.join(byte >> 4, byte & 0xF), (ROWS, BC))  # high nibble first
-        chunk = c0 + 32 * tl.arange(0, BC // 32)
-        block = rows[:, None] * (K >> log2_blocksize) + (chunk >> log2_blocksize)[None, :]
-        chunk_mask = (rows < N)[:, None] & (chunk < K)[None, :]
-        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, chunk_mask, NESTED)
-        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (ROWS, BC // 32, 32)), (ROWS, BC))
-    else:
-        flat = rows[:, None] * K + cols[None, :]
-        byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-        idx = tl.where((flat & 1) == 1, byte & 0xF, byte >> 4)  # even element: high nibble
-        block = flat >> log2_blocksize
-        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
-    return tl.where(mask, code_value(idx, FP4) * absmax, 0.0)
 
 
 @triton.jit
@@ -147,7 +99,7 @@ def _lora_matmul_kernel(
         )
         if W_4BIT:
             if W_TRANS:  # V[k, n] = W[n, k]: W rows rn, columns k0 .. k0 + BK
-                w = _w4_tile(
+                w = w4_tile(
                     w_ptr,
                     absmax_ptr,
                     nested_absmax_ptr,
@@ -166,7 +118,7 @@ def _lora_matmul_kernel(
                 )
                 b = tl.trans(w)
             else:  # V[n, k] = W[n, k]: W rows rk, columns pid_n * BN .. + BN
-                b = _w4_tile(
+                b = w4_tile(
                     w_ptr,
                     absmax_ptr,
                     nested_absmax_ptr,

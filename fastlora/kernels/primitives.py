@@ -5,9 +5,9 @@
   the GPU and under the interpreter (whose fp32 -> bf16 cast truncates);
 - :func:`launch`: one fixed config under the interpreter, the autotuned configs on a GPU.
 
-The 4-bit decoding the GEMM shares with dequantisation (``code_value``, ``load_absmax``) stays with
-the 4-bit kernels in :mod:`fastlora.kernels.quant4`: a kernel reading 4-bit weights depends on that
-format, not on a general primitive.
+The 4-bit decoding the GEMM shares with dequantisation (``code_value``, ``load_absmax``, ``w4_tile``)
+lives with the 4-bit kernels in :mod:`fastlora.kernels.quant4`: a kernel reading 4-bit weights
+depends on that format, not on a general primitive.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Triton kernels: blockwise 4-bit (NF4/FP4) quantisation and dequantisation.
+"""Triton kernels: blockwise 4-bit (NF4/FP4) quantisation and dequantisation, and the decoding the
+GEMM shares (``code_value``, ``load_absmax``, ``w4_tile``: a W tile dequantised in registers).
 
 The PyTorch reference (the spec) is :mod:`fastlora.quant.ref`; both are byte-for-byte
 equal to bitsandbytes. The kernels run on CUDA tensors, and on CPU tensors under
@@ -108,6 +109,57 @@ def load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, m
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return absmax
+
+
+@triton.jit
+def w4_tile(
+    w_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset,
+    log2_blocksize,
+    rows,
+    c0,
+    N,
+    K,
+    ALIGNED: tl.constexpr,
+    FP4: tl.constexpr,
+    NESTED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """fp32 tile ``W[rows, c0 : c0 + BC]`` of a 4-bit (N, K) W, zero outside W, dequantised in registers.
+
+    The GEMM's view of the format (:mod:`fastlora.kernels.lora` reads W through it, so no dequantised
+    copy of W is written).
+
+    ALIGNED (K even, K % blocksize == 0, c0 even): the bytes load as a [ROWS, BC/2] tile and
+    split into nibbles; absmax loads once per 32 columns (the smallest blocksize) and is
+    broadcast. Otherwise (odd K, blocks across rows) every element gathers its byte and absmax.
+    """
+    cols = c0 + tl.arange(0, BC)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    if ALIGNED:
+        half = tl.arange(0, BC // 2)
+        byte = tl.load(
+            w_ptr + rows[:, None] * (K // 2) + (c0 // 2 + half)[None, :],
+            mask=(rows < N)[:, None] & ((c0 + 2 * half) < K)[None, :],
+            other=0,
+        ).to(tl.int32)
+        idx = tl.reshape(tl.join(byte >> 4, byte & 0xF), (ROWS, BC))  # high nibble first
+        chunk = c0 + 32 * tl.arange(0, BC // 32)
+        block = rows[:, None] * (K >> log2_blocksize) + (chunk >> log2_blocksize)[None, :]
+        chunk_mask = (rows < N)[:, None] & (chunk < K)[None, :]
+        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, chunk_mask, NESTED)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (ROWS, BC // 32, 32)), (ROWS, BC))
+    else:
+        flat = rows[:, None] * K + cols[None, :]
+        byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        idx = tl.where((flat & 1) == 1, byte & 0xF, byte >> 4)  # even element: high nibble
+        block = flat >> log2_blocksize
+        absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
+    return tl.where(mask, code_value(idx, FP4) * absmax, 0.0)
 
 
 @triton.jit
