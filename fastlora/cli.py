@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from fastlora.bench.cli import add_parser as add_bench
+    from fastlora.env import add_parser as add_env
     from fastlora.quant import BLOCKSIZES
     from fastlora.train.cli import add_parsers as add_train
     from fastlora.train.cli import count
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_train(sub)
     add_bench(sub)
+    add_env(sub)
 
     args = parser.parse_args(argv)
     if args.command in ("finetune", "merge", "generate", "eval", "compare"):
@@ -75,6 +77,10 @@ def _run_other(args: argparse.Namespace) -> int:
         from fastlora.aot import main as aot_main
 
         return aot_main([])
+    if args.command == "env":
+        from fastlora.env import run as run_env
+
+        return run_env(args)
     if args.command == "bench":
         from fastlora.bench.cli import run as run_bench
 

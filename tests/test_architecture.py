@@ -26,7 +26,7 @@ LAYERS = [
     (
         "entry points",
         [
-            *("fastlora", "fastlora.__main__", "fastlora.cli", "fastlora.demo", "fastlora.aot"),
+            *("fastlora", "fastlora.__main__", "fastlora.cli", "fastlora.demo", "fastlora.aot", "fastlora.env"),
             *("fastlora.adapters", "fastlora.strategies"),  # backward-compatible re-exports of fastlora.methods
         ],
     ),
