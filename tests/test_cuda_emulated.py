@@ -412,3 +412,27 @@ def test_merge_matches_float64_reference(emu, dtype, out_dtype):
     own = native.merge_4bit_ref(packed, state, a, b, 0.5, out_dtype, compute_dtype=out_dtype)
     assert not torch.isnan(out).any()
     assert rel_error(out, ref) <= 2 * rel_error(own, ref) + FLOOR[out_dtype]
+
+
+@pytest.mark.parametrize("lora", ["a", "u"], ids=id_formatter("lora"))
+@pytest.mark.parametrize("shape", ["K256-N77", "K129-N33"])  # tensor cores; CUDA cores (odd K)
+def test_gemv_fp16_limits(emu, shape, lora):
+    """issue 18, the native path: lora_alpha 2048, r 8 (s = 256) and |x| ≈ 300 in fp16, where ``(s·u) Bᵀ`` in
+    fp16 overflows although every exact output is below ~1000. The kernel keeps s·u and the LoRA sum in fp32
+    (``fmaf(scale, Σ u B, y)``): every output is finite and within fp16's bound of the float64 result."""
+    k, n, qt, bs, dq = GEMV_SHAPES[shape]
+    g = torch.Generator().manual_seed(18)
+    w = (torch.rand(n, k, generator=g) * 2 - 1) / math.sqrt(k)
+    packed, state = quantize_4bit(w, qt, bs, dq, backend="torch")
+    sign = torch.where(torch.rand(8, k, generator=g) < 0.5, -1.0, 1.0)
+    x = (sign * (150 + 300 * torch.rand(8, k, generator=g))).half()
+    a = ((torch.rand(8, k, generator=g) * 2 - 1) / math.sqrt(k)).half()
+    b = ((torch.rand(n, 8, generator=g) * 2 - 1) * 2e-3).half()
+    u = (x.float() @ a.float().T).half()
+    kwargs = {"lora_a": a} if lora == "a" else {"lora_u": u}
+    kwargs.update(lora_b=b, scale=256.0)
+    y, _ = _gemv(emu, x, packed, state, None, **kwargs)
+    ref = native.gemv_4bit_ref(x, packed, state, None, compute_dtype=torch.float64, **kwargs)
+    assert ref.double().abs().max() < 4000 and (u.float() * 256).abs().max() > 65504  # fp16 (s·u) overflows
+    assert torch.isfinite(y).all()
+    assert rel_error(y, ref) <= FLOOR[torch.float16]
