@@ -139,6 +139,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", help="base model directory (default: the one recorded with the adapter)")
     p.add_argument("--out", required=True, help="output directory, written whole then renamed into place: new, "
                    "empty, or an earlier merge's output (anything else is refused, never replaced)")  # fmt: skip
+    p.add_argument("--merge-into", choices=("dequantized", "original"), default=None,
+                   help="a QLoRA run: fold the adapter into its dequantised 4-bit base, the weights it was "
+                   "trained on (dequantized), or into the original full-precision weights (original); the "
+                   "measured difference from the trained model's outputs is printed either way "
+                   "(default: dequantized)")  # fmt: skip
 
     p = sub.add_parser("generate", help="generate text with a causal LM and optionally a trained artefact")
     p.add_argument("--model", help="base model directory (default: the one recorded with --adapter)")

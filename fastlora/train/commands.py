@@ -124,46 +124,70 @@ def print_summary(console, summaries) -> None:
         console.print(f"artefacts: {summaries[0].output_dir}/adapter (last), {summaries[0].output_dir}/best (best val)")
 
 
-def _base_and_artifact(args, *, task_required: str | None = None, manifest: dict | None = None):
-    """(manifest, the trained model on its base, the tokenizer, the base's path) of ``args.adapter``."""
-    from fastlora.train import methods as M
-    from fastlora.train.trainer import load_model, load_tokenizer
+def _base_and_artifact(args, *, task_required: str | None = None, manifest: dict | None = None,
+                       merge_into: str = "dequantized"):  # fmt: skip
+    """(manifest, the trained model on the base it was trained on (a 4-bit run's base rebuilt as recorded;
+    ``merge_into="original"``: its float base), the tokenizer, the base's path, the 4-bit record used or None)."""
+    from fastlora.train.trained import load_trained
+    from fastlora.train.trainer import load_tokenizer
 
     manifest = manifest or guards.read_manifest(args.adapter, base_given=bool(args.model))
     if task_required and manifest["task"] != task_required:
         raise ValueError(f"fastlora: {args.adapter} was trained for {manifest['task']}, this needs {task_required}")
     path = args.model or manifest["base_model"]
-    import torch
-
-    base = load_model(path, manifest["task"], manifest["labels"], torch.float32)
-    model = M.load_artifact(base, args.adapter)
-    return manifest, model, load_tokenizer(path), path
+    model, record = load_trained(args.adapter, manifest, path, merge_into=merge_into)
+    return manifest, model, load_tokenizer(path), path, record
 
 
 def _merge(args) -> int:
     """Fold the adapter into its base and write a plain transformers directory at --out, refusing (before the
-    model loads) a destination that holds anything but an earlier merge's output."""
+    model loads) a destination that holds anything but an earlier merge's output. A 4-bit run merges into its
+    dequantised 4-bit base (what the adapter was trained on) unless ``--merge-into original``; either way the
+    merged model's logits on a fixed probe batch are compared with the trained model's and the difference printed."""
     from fastlora.methods.lora import LoraModel
+    from fastlora.train.trained import describe, logits, output_difference, probe_batch
 
     manifest = guards.read_manifest(args.adapter, base_given=bool(args.model))
     if manifest["method"] not in ("lora", "qlora"):
         raise ValueError(f"fastlora: merge folds LoRA adapters; {args.adapter} holds a {manifest['method']} artefact")
     guards.check_dir_destination(args.out, "--out", MERGE_MARKER, "merge")
     guards.check_writable(args.out, "--out")
-    manifest, model, tokenizer, base = _base_and_artifact(args, manifest=manifest)
+    into = args.merge_into or "dequantized"
+    manifest, model, tokenizer, base, record = _base_and_artifact(args, manifest=manifest)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    probe = probe_batch(tokenizer, manifest["max_length"], pad)
+    trained = logits(model, probe, manifest["task"])  # the model as trained: the reference
+    if record is not None and into == "original":
+        del model
+        _, model, _, _, _ = _base_and_artifact(args, manifest=manifest, merge_into="original")
     assert isinstance(model, LoraModel)
     merged = model.merge_and_unload()
+    difference = output_difference(trained, logits(merged, probe, manifest["task"]))
+    if record is None:  # a float run, or a qlora run written before the record (on its fp32 base, as then)
+        into = "original" if manifest["method"] == "qlora" else "float"
     tmp = guards.new_dir_beside(args.out)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         guards.write_marker(tmp, MERGE_MARKER, "merge", adapter=os.path.abspath(args.adapter),
-                            base_model=os.path.abspath(base))  # fmt: skip
+                            base_model=os.path.abspath(base), merged_into=into,
+                            output_difference=difference)  # fmt: skip
         guards.publish_dir(tmp, args.out, "--out", MERGE_MARKER, "merge")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"fastlora: merged {args.adapter} into {args.out}")
+    if record is not None and into == "dequantized":
+        print(f"fastlora: merged into the dequantised 4-bit base ({describe(record)}), the weights the adapter was "
+              "trained on (--merge-into original: into the full-precision weights instead)")  # fmt: skip
+    elif record is not None:
+        print(f"fastlora: merged into the original {record['dtype']} weights, not the 4-bit base "
+              f"({describe(record)}) the adapter was trained on")  # fmt: skip
+    elif args.merge_into:
+        print(f"fastlora: note: --merge-into {args.merge_into} changes nothing here: the run's base is not "
+              "recorded as 4-bit", file=sys.stderr)  # fmt: skip
+    print(f"fastlora: the merged model's logits differ from the trained model's by at most {difference['max_abs']:.3g} "
+          f"(relative {difference['relative']:.3g}) on {len(probe['input_ids'])} probe texts")  # fmt: skip
     return 0
 
 
@@ -174,7 +198,7 @@ def _generate(args) -> int:
     from fastlora.train.trainer import load_model, load_tokenizer
 
     if args.adapter:
-        _, model, tokenizer, _ = _base_and_artifact(args, task_required="causal")
+        _, model, tokenizer, _, _ = _base_and_artifact(args, task_required="causal")
     else:
         if not args.model:
             raise ValueError("fastlora generate: pass --model, --adapter, or both")
@@ -197,8 +221,9 @@ def _eval(args) -> int:
     from fastlora.train import data as D
     from fastlora.train.trainer import Trainer
 
-    manifest, model, tokenizer, _ = _base_and_artifact(args)
-    cfg = TrainConfig(method=manifest["method"], batch_size=args.batch_size, progress=False)
+    manifest, model, tokenizer, _, _ = _base_and_artifact(args)
+    cfg = TrainConfig(method=manifest["method"], batch_size=args.batch_size, precision=_precision(manifest),
+                      progress=False)  # fmt: skip
     trainer = Trainer(cfg)
     trainer.task, trainer.labels, trainer.tokenizer = manifest["task"], manifest["labels"], tokenizer
     trainer.model = trainer.train_model = model.to(trainer.device)
@@ -214,6 +239,22 @@ def _eval(args) -> int:
     result = trainer.evaluate()
     print(json.dumps(result))
     return 0
+
+
+def _precision(manifest: dict) -> str:
+    """The run's --precision (how its validation loss was computed), "auto" for older manifests; fp16, which
+    needs a GPU, becomes fp32 without one (with a note)."""
+    config = manifest.get("fastlora_config")
+    precision = config.get("precision") if isinstance(config, dict) else None
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        return "auto"
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        print("fastlora: note: the run trained with --precision fp16, which needs a GPU: evaluating in fp32",
+              file=sys.stderr)  # fmt: skip
+        return "fp32"
+    return precision
 
 
 def _compare(args) -> int:

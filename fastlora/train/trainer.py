@@ -54,6 +54,7 @@ from fastlora.train.runtime import (  # noqa: F401  (re-exported: the trainer's 
     stop_signals,
 )
 from fastlora.train.state import Plan, RunState, StepResult, Summary
+from fastlora.train.trained import QUANT_KEY, quantization_record
 
 Batch = dict[str, torch.Tensor]
 
@@ -118,6 +119,8 @@ class Trainer:
         self.max_length, self.pad_id = built.max_length, built.pad_id
         self.trainable, self.total = built.trainable, built.total
         self.model_path, self.model_name = built.path, built.name
+        # how a 4-bit base was quantised, so that eval/generate/merge rebuild the base the adapter trained on
+        self.base_quantization = quantization_record(self.model, autocast_dtype(cfg.precision, self.device))
         self.train_examples = self._encode(data.train_records, cfg.data or "the embedded training set")
         self.val_examples = self._encode(data.val_records, cfg.val_data or "the validation split")
         if self.dist.main:
@@ -311,6 +314,7 @@ class Trainer:
             "labels": self.labels,
             "base_model": os.path.abspath(self.model_path),
             "max_length": self.max_length,
+            QUANT_KEY: self.base_quantization,
             "fastlora_config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "progress"},
         }
         self.checkpointer.save_artifact(os.path.join(self.cfg.output_dir, name), self.model, manifest)
