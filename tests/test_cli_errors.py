@@ -501,3 +501,61 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr("fastlora.train.trainer.Trainer", bug)
     with pytest.raises(KeyError, match="internal"):
         main(["finetune", "--output-dir", str(tmp_path / "o")])
+
+
+# -- 6. causal data needs a causal model (issue 19) ---------------------------------------------------------------
+
+
+def test_instruction_data_with_an_encoder_is_refused(tmp_path, capfd, caplog, monkeypatch):
+    """The issue's repro: eight instruction lines and no --model (the default MiniLM, an encoder) trained and exited
+    0, every position reading the answer. Now exit 2 naming the data, the model and what to pass instead; the run
+    never starts, and transformers' own warning about the model stays visible."""
+    monkeypatch.chdir(tmp_path)
+    with open("i.jsonl", "w") as f:
+        f.writelines(json.dumps({"instruction": "Translate to French: cat", "output": "chat"}) + "\n" for _ in range(8))
+    with caplog.at_level(logging.WARNING):
+        code = main(["finetune", "--data", "i.jsonl", "--max-steps", "2", "--no-progress"])
+    err = capfd.readouterr().err
+    assert code == 2, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("fastlora: i.jsonl holds instruction/chat data (causal language modelling)"), err
+    assert "all-MiniLM-L6-v2" in message and "(bert) is an encoder" in message
+    assert "Pass --model with a decoder" in message and "classification data" in message
+    assert "Traceback" not in err
+    # transformers' warning is no longer silenced (its handler writes where pytest cannot capture: read the record)
+    assert any("is_decoder=True" in r.getMessage() for r in caplog.records if r.name.startswith("transformers"))
+    assert "cls.predictions" in err and "start random" in err  # the untrained LM head, said once by fastlora
+    assert not os.path.exists(os.path.join("fastlora-run", "checkpoints"))
+    assert not os.path.exists(os.path.join("fastlora-run", "adapter"))
+
+
+def test_a_decoder_trains_causal_data_and_classifies_with_a_head(llama_dir, tmp_path):
+    """Causal data on a decoder trains as before; a classification set on the same decoder gets a
+    sequence-classification head (as before); the probe that tells an encoder apart reads a decoder as causal."""
+    from fastlora.train import Trainer
+    from fastlora.train.runtime import attends_ahead, load_model
+
+    assert not attends_ahead(load_model(llama_dir, "causal", None, torch.float32))
+    assert attends_ahead(load_model(str(minilm.get_model_path()), "causal", None, torch.float32))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} {i}", "label": w}) + "\n" for i in range(12) for w in "ab"))
+    trainer = Trainer(TrainConfig(model=llama_dir, data=str(data), method="lora", max_steps=1, batch_size=4,
+                                  output_dir=str(tmp_path / "run"), progress=False))  # fmt: skip
+    summary = trainer.run()
+    assert summary.task == "classification"
+    assert type(trainer.model.model).__name__ == "LlamaForSequenceClassification"
+
+
+def test_loading_keeps_the_warnings_that_matter(llama_dir, caplog, capfd):
+    """A classifier's new head is expected (no transformers table, no warning); weights of the model itself that
+    the checkpoint lacks are one fastlora warning."""
+    from fastlora.train.runtime import load_model
+
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        load_model(llama_dir, "classification", ["a", "b"], torch.float32)
+    assert not [r for r in caplog.records if r.name == "fastlora"]
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        load_model(str(minilm.get_model_path()), "causal", None, torch.float32)
+    (record,) = [r for r in caplog.records if r.name == "fastlora"]
+    assert "6 weight(s) not in the checkpoint start random: cls.predictions" in record.getMessage()

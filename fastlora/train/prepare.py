@@ -19,6 +19,7 @@ from fastlora.train.runtime import (
     Dist,
     TrainingError,
     _minilm_path,
+    attends_ahead,
     autocast_dtype,
     fsdp2_shard,
     load_model,
@@ -84,6 +85,8 @@ def build_model(cfg: TrainConfig, data: RunData, device: torch.device, dist: Dis
         dtype = autocast_dtype(cfg.precision, device) or torch.float32
     torch.manual_seed(cfg.seed)  # the fresh head and adapters start the same in every run
     base = load_model(path, data.task, data.labels, dtype)
+    if data.task == "causal":
+        check_causal(base, name, data.name)
     tokenizer = load_tokenizer(path)
     limit = model_max_length(base)
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length
@@ -105,6 +108,20 @@ def build_model(cfg: TrainConfig, data: RunData, device: torch.device, dist: Dis
         raise TrainingError(f"fastlora: method {cfg.method!r} left nothing trainable in this model")
     train_model = distribute(model, cfg, device, dist)
     return RunModel(model, train_model, tokenizer, max_length, pad_id, trainable, total, path, name)
+
+
+def check_causal(model: nn.Module, name: str, data_name: str) -> None:
+    """A :class:`TrainingError` when causal (instruction/chat) data meets a model whose positions see the tokens
+    after them (an encoder such as BERT, loaded with an LM head): it would learn from answers it can read."""
+    if not attends_ahead(model):
+        return
+    kind = getattr(model.config, "model_type", None) or type(model).__name__
+    raise TrainingError(
+        f"fastlora: {data_name} holds instruction/chat data (causal language modelling), but the model {name} "
+        f"({kind}) is an encoder: every position sees the tokens after it, so it would be trained on answers it "
+        "can read. Pass --model with a decoder (a causal LM directory: Llama, Qwen, Mistral, GPT-2...), or "
+        'classification data ({"text", "label"} records) for this model'
+    )
 
 
 def distribute(model: nn.Module, cfg: TrainConfig, device: torch.device, dist: Dist) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -21,6 +22,7 @@ from torch import nn
 from fastlora.train.config import TrainConfig
 
 NO_DECAY = ("bias", "norm", "LayerNorm")
+_log = logging.getLogger("fastlora")
 
 
 class TrainingError(RuntimeError):
@@ -159,34 +161,88 @@ def check_model_dir(path: str) -> None:
         raise TrainingError(f"fastlora: {path} has no weights (expected one of {', '.join(weights)})")
 
 
+def _is_load_report(record: logging.LogRecord) -> bool:
+    """transformers' table of missing/unexpected keys, which :func:`load_model` reads as data instead."""
+    return "LOAD REPORT" not in record.getMessage()
+
+
 def load_model(path: str, task: str, labels: list[str] | None, dtype: torch.dtype) -> nn.Module:
-    """A transformers model for ``task`` from a local directory (never the hub)."""
+    """A transformers model for ``task`` from a local directory (never the hub).
+
+    transformers' warnings stay visible (the user's verbosity is left alone) except its table of keys the
+    checkpoint lacks, which for a classifier always lists the new head fastlora trains: what in it matters
+    (weights of the model itself left at their random initialisation, shapes that did not fit) is logged as
+    one ``fastlora`` warning instead.
+    """
     import transformers
 
     check_model_dir(path)
-    quiet = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     transformers.utils.logging.disable_progress_bar()
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_is_load_report)
     try:
         if task == "classification":
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 path,
                 num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)},
                 dtype=dtype,
                 local_files_only=True,
+                output_loading_info=True,
             )
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True, output_loading_info=True
+            )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "model type" in str(e):
             kind = "sequence classification" if task == "classification" else "causal language modelling"
             raise TrainingError(f"fastlora: {path}: this architecture does not support {kind}: {e}") from e
         raise
     finally:
-        transformers.logging.set_verbosity(quiet)
+        report.removeFilter(_is_load_report)
+    _warn_about_loading(model, path, info, task)
     return model
+
+
+def _warn_about_loading(model: nn.Module, path: str, info: dict[str, Any], task: str) -> None:
+    """One warning for the weights ``path`` did not provide beyond a classifier's new head, and for any whose
+    shape did not fit (``info``: transformers' ``output_loading_info``)."""
+    from fastlora.methods.targets import classifier_heads
+
+    heads = tuple(f"{h}." for h in classifier_heads(model)) if task == "classification" else ()
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(heads))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        problems.append(f"{len(missing)} weight(s) not in the checkpoint start random: {shown}")
+    if mismatched:
+        problems.append(f"weights of another shape were re-initialised: {', '.join(mismatched[:6])}")
+    if problems:
+        _log.warning("fastlora: warning: loading %s as %s: %s", path, type(model).__name__, "; ".join(problems))
+
+
+@torch.no_grad()
+def attends_ahead(model: nn.Module) -> bool:
+    """Whether ``model``'s output at a position depends on later tokens (an encoder: every position sees the
+    whole input), measured: the logits of the first two positions of two inputs that differ only after them.
+    One forward of a (2, 4) batch in eval mode, with no trace in the random state."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 100)
+    first = [vocab // 2 + i for i in range(4)]
+    other = [*first[:2], vocab // 3, vocab // 3 + 1]
+    device = next(model.parameters()).device
+    ids = torch.tensor([first, other], device=device) % vocab
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.train(was)
+    head = (out.logits if hasattr(out, "logits") else out[0])[:, :2].float()
+    return not torch.allclose(head[0], head[1], rtol=1e-3, atol=1e-4 * max(1.0, head.abs().max().item()))
 
 
 def load_tokenizer(path: str):
