@@ -423,6 +423,57 @@ def test_parser_knows_every_setting():
         4, 2, True, ["query", "value"])  # fmt: skip
 
 
+def test_every_flag_has_help_and_a_default():
+    """Every flag of finetune, merge, generate, eval and compare says what it does and its default (or that it is
+    required); --target-modules says it takes a comma-separated list or all-linear."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_parsers(sub)
+    lacking = []
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            if not text.strip() or not ("(default" in text or action.required):
+                lacking.append(f"{command} {'/'.join(action.option_strings)}: {text!r}")
+    assert not lacking, "\n".join(lacking)
+    assert set(sub.choices) == {"finetune", "merge", "generate", "eval", "compare"}
+    finetune = sub.choices["finetune"]
+    target = next(a for a in finetune._actions if "--target-modules" in a.option_strings).help
+    assert "comma-separated list" in target and "all-linear" in target and "(default: all-linear)" in target
+    lr = next(a for a in finetune._actions if "--lr" in a.option_strings).help
+    assert lr.index("[> 0]") < lr.index("(default per method")  # the range, then the default
+    batch = next(a for a in finetune._actions if "--batch-size" in a.option_strings).help
+    assert batch.endswith("[>= 1] (default: 16)")
+
+
+def test_gradient_checkpointing_uses_no_deprecated_call(tmp_path, tiny_llama):
+    """transformers 5.24 deprecates gradient_checkpointing_enable (a FutureWarning) for
+    activation_checkpointing_enable: fastlora calls the current name, and checkpointing is on."""
+    import warnings
+
+    from fastlora.train.prepare import enable_checkpointing
+    from fastlora.train.trainer import load_model
+
+    model = load_model(tiny_llama, "causal", None, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_checkpointing(model)
+    deprecated = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecated, [str(w.message) for w in deprecated]
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    # a whole run with --gradient-checkpointing: nothing deprecated about checkpointing either
+    data = _write_causal(tmp_path / "c.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(_cfg(tmp_path, tiny_llama, data, method="lora", max_steps=1, gradient_checkpointing=True)).run()
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not [m for m in deprecated if "checkpointing" in m], deprecated
+
+
 def test_yaml_config_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: lora\nlr: 0.001\nbatch-size: 4\n")

@@ -13,36 +13,78 @@ from fastlora.train.methods import METHODS
 _BOOL = {"gradient_checkpointing", "resume", "fsdp", "overwrite"}
 
 
+# Each TrainConfig field's help line. A "(default: ...)" in the text is kept; otherwise the field's built-in
+# default is appended (tests/test_train.py checks that every flag of every train command has help and a default).
+TRAIN_HELP = {
+    "model": "local transformers model directory, never downloaded (default: the embedded all-MiniLM-L6-v2 encoder, "
+    "for classification data)",
+    "data": "JSONL/CSV: {text,label} for classification, {instruction,input?,output} or {messages} for causal LM, "
+    "which needs a decoder --model (default: an embedded generated 4-topic sentence set)",
+    "val_data": "validation file (default: hold out --val-split of --data)",
+    "val_split": "share of --data held out for validation when --val-data is not given",
+    "task": "classification or causal (default: from the data's keys)",
+    "method": "what to train: LoRA on a 4-bit (qlora) or float (lora) base, bottleneck adapters, prefix/prompt/"
+    "p-tuning, every weight (full), or the task head only (head)",
+    "output_dir": "the run directory: checkpoints, metrics.jsonl, adapter/ and best/ (one run at a time; see "
+    "--resume and --overwrite)",
+    "epochs": "passes over the training data (ignored when --max-steps is given)",
+    "max_steps": "optimiser steps to train (default: --epochs worth)",
+    "batch_size": "examples per micro-batch on each process",
+    "grad_accum": "micro-batches accumulated per optimiser step",
+    "lr": "peak learning rate (default per method: full 2e-5, lora/qlora 2e-4, adapter/head 1e-3, prompts 1e-2+)",
+    "schedule": "learning-rate decay after the warm-up",
+    "warmup_ratio": "share of the steps the rate rises linearly from 0",
+    "weight_decay": "AdamW weight decay (not on biases and norms)",
+    "max_grad_norm": "clip the gradient norm to this; none: no clipping",
+    "layer_decay": "discriminative learning rates: multiply the rate by this per layer below the top (default: off)",
+    "loraplus_ratio": "LoRA+: B's rate is this times A's, lora/qlora only (default: off)",
+    "lora_r": "LoRA rank (lora/qlora)",
+    "lora_alpha": "LoRA scaling numerator: s = alpha / r (lora/qlora)",
+    "lora_dropout": "dropout on the LoRA path (lora/qlora)",
+    "target_modules": "layers LoRA adapts: a comma-separated list of module names or suffixes (e.g. query,value or "
+    "q_proj,v_proj), a regex over full module names, or all-linear (every linear layer but the output head)",
+    "adapter_r": "bottleneck width of the adapters (adapter)",
+    "adapter_placement": "where the adapters go: after attention and MLP (houlsby), after the MLP (pfeiffer), "
+    "or beside it (parallel)",
+    "num_virtual_tokens": "virtual tokens of the prompt or prefix (prefix, prompt, ptuning)",
+    "ptuning_encoder": "the prompt encoder of p-tuning",
+    "precision": "autocast dtype (auto: bf16 on a GPU that has it, else fp32)",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, more time (default: off)",
+    "max_length": "tokens per example; longer ones are truncated (at most the model's window)",
+    "eval_every": "evaluate every N optimiser steps (default: every epoch)",
+    "patience": "early stopping: evaluations without a better validation loss before stopping (default: off)",
+    "save_every": "checkpoint every N optimiser steps (default: at each evaluation)",
+    "keep_checkpoints": "keep the newest N checkpoints",
+    "log_every": "write metrics.jsonl every N optimiser steps",
+    "seed": "seed of the initialisation, the data split and order, and dropout",
+    "on_bad_line": "a malformed data line stops the run (error) or is skipped with a warning (skip)",
+    "resume": "continue bit for bit from the last checkpoint in --output-dir; refused, naming each difference, "
+    "when a setting, the model or the data changed (default: off)",
+    "overwrite": "start afresh in an --output-dir that holds another run (deletes only that run's files) "
+    "(default: off)",
+    "fsdp": "shard with FSDP2 (fully_shard) across the processes of torchrun (default: off)",
+}
+
+
+def with_default(text: str, default, wanted: str | None = None) -> str:
+    """``text [wanted] (default: default)``: the range a value must be in, if any, then the default (the one
+    ``text`` already states, else ``default``; False reads "off")."""
+    text, stated, rest = text.partition(" (default")
+    shown = f"{stated}{rest}" if stated else f" (default: {'off' if default is False else default})"
+    return f"{text} [{wanted}]{shown}" if wanted else f"{text}{shown}"
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as --flag (default None: the YAML file or the built-in default decides)."""
-    help_ = {
-        "model": "local transformers model directory (default: the embedded all-MiniLM-L6-v2)",
-        "data": "JSONL/CSV: {text,label} for classification, {instruction,input?,output} or {messages} for causal LM "
-        "(default: an embedded generated 4-topic sentence set)",
-        "val_data": "validation file (default: hold out --val-split of --data)",
-        "method": "what to train",
-        "lr": "peak learning rate (default per method: full 2e-5, lora/qlora 2e-4, adapter/head 1e-3, prompts 1e-2+)",
-        "layer_decay": "discriminative learning rates: multiply the rate by this per layer below the top",
-        "loraplus_ratio": "LoRA+: B's rate is this times A's (lora/qlora)",
-        "patience": "early stopping: evaluations without a better validation loss before stopping",
-        "eval_every": "evaluate every N optimiser steps (default: every epoch)",
-        "precision": "autocast dtype (auto: bf16 on a GPU that has it, else fp32)",
-        "on_bad_line": "a malformed data line stops the run (error) or is skipped with a warning (skip)",
-        "fsdp": "shard with FSDP2 (fully_shard) across the processes of torchrun",
-        "resume": "continue bit for bit from the last checkpoint in --output-dir",
-        "overwrite": "start afresh in an --output-dir that holds another run (deletes that run's files)",
-        "max_grad_norm": "clip the gradient norm to this (default 1.0); none: no clipping",
-        "keep_checkpoints": "keep the newest N checkpoints (default 2)",
-        "log_every": "log every N optimiser steps (default 10)",
-        "save_every": "checkpoint every N optimiser steps (default: at each evaluation)",
-    }
+    help_ = TRAIN_HELP
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     ranges = {name: wanted for name, _, _, wanted in NUMERIC_FIELDS}
     for f in dataclasses.fields(TrainConfig):
         if f.name == "progress":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name in _BOOL:
-            p.add_argument(flag, action="store_true", default=None, help=help_.get(f.name))
+            p.add_argument(flag, action="store_true", default=None, help=with_default(help_[f.name], False))
             continue
         kind = str
         if f.name in (
@@ -81,14 +123,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "precision": ("auto", "fp32", "bf16", "fp16"), "on_bad_line": ("error", "skip"),
                    "ptuning_encoder": ("mlp", "lstm"),
                    "adapter_placement": ("houlsby", "pfeiffer", "parallel")}.get(f.name)  # fmt: skip
-        text = help_.get(f.name)
-        if f.name in ranges:  # the range TrainConfig checks (before any model loads)
-            text = f"{text} [{ranges[f.name]}]" if text else f"[{ranges[f.name]}]"
+        text = with_default(help_[f.name], defaults[f.name], ranges.get(f.name))  # the range TrainConfig checks
         p.add_argument(flag, type=kind, default=None, choices=choices, help=text)
-    p.add_argument("--config", help="YAML file of settings (field names as keys); flags override it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--config", help="YAML file of settings (field names as keys); flags override it (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (default: a bar)")
     p.add_argument("--summary-json", help="also write the final summary to this file (checked before training; "
-                   "an existing file is replaced only if it is empty or a summary fastlora wrote)")  # fmt: skip
+                   "an existing file is replaced only if it is empty or a summary fastlora wrote) (default: "
+                   "only OUTPUT_DIR/summary.json)")  # fmt: skip
 
 
 def _grad_norm(text: str) -> float | str:
@@ -147,26 +188,34 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("generate", help="generate text with a causal LM and optionally a trained artefact")
     p.add_argument("--model", help="base model directory (default: the one recorded with --adapter)")
-    p.add_argument("--adapter", help="directory written by fastlora finetune")
+    p.add_argument("--adapter", help="directory written by fastlora finetune; a QLoRA run's 4-bit base is rebuilt "
+                   "as trained (default: none, the base model alone)")  # fmt: skip
     p.add_argument("--prompt", required=True, help="instruction (wrapped in the training template) or raw text")
-    p.add_argument("--raw", action="store_true", help="do not wrap --prompt in the instruction template")
-    p.add_argument("--max-new-tokens", type=count(1), default=64, help="[>= 1]")
-    p.add_argument("--temperature", type=_nonnegative, default=0.0, help="0: greedy [>= 0]")
-    p.add_argument("--seed", type=count(0), default=0, help="[>= 0]")
+    p.add_argument("--raw", action="store_true", help="do not wrap --prompt in the instruction template (default: "
+                   "wrap it)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=count(1), default=64, help="tokens to generate [>= 1] (default: 64)")
+    p.add_argument("--temperature", type=_nonnegative, default=0.0, help="sampling temperature; 0: greedy "
+                   "[>= 0] (default: 0)")  # fmt: skip
+    p.add_argument("--seed", type=count(0), default=0, help="seed of the sampling [>= 0] (default: 0)")
 
     p = sub.add_parser("eval", help="validation loss (and accuracy) of a trained artefact on a data file")
-    p.add_argument("--adapter", required=True, help="directory written by fastlora finetune")
+    p.add_argument("--adapter", required=True, help="directory written by fastlora finetune (adapter/ or best/); a "
+                   "QLoRA run's 4-bit base is rebuilt as trained, so the run's own validation data gives the "
+                   "loss finetune reported")  # fmt: skip
     p.add_argument("--model", help="base model directory (default: the one recorded with the adapter)")
     p.add_argument("--data", help="JSONL/CSV (default: the embedded validation set when it was trained on it)")
-    p.add_argument("--batch-size", type=count(1), default=32, help="[>= 1]")
+    p.add_argument("--batch-size", type=count(1), default=32, help="examples per forward [>= 1] (default: 32)")
 
     p = sub.add_parser("compare", help="train several methods on one task and print the trade-off table")
-    p.add_argument("--methods", default="full,head,adapter,lora,qlora,prefix,prompt",
-                   help="comma-separated, from: " + ", ".join(METHODS))  # fmt: skip
-    p.add_argument("--model")
-    p.add_argument("--data")
-    p.add_argument("--max-steps", type=count(1), default=60, help="[>= 1]")
-    p.add_argument("--batch-size", type=count(1), default=16, help="[>= 1]")
+    methods = "full,head,adapter,lora,qlora,prefix,prompt"
+    p.add_argument("--methods", default=methods,
+                   help=f"comma-separated, from: {', '.join(METHODS)} (default: {methods})")  # fmt: skip
+    p.add_argument("--model", help="as finetune's --model (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--data", help="as finetune's --data (default: the embedded 4-topic sentence set)")
+    p.add_argument("--max-steps", type=count(1), default=60, help="optimiser steps per method [>= 1] (default: 60)")
+    p.add_argument("--batch-size", type=count(1), default=16, help="examples per step [>= 1] (default: 16)")
     p.add_argument("--output-dir", default="fastlora-compare",
-                   help="one run directory per method in here (new, empty, or an earlier compare's)")  # fmt: skip
-    p.add_argument("--out", help="also write the table as JSON here (replaces only a table fastlora wrote)")
+                   help="one run directory per method in here: new, empty, or an earlier compare's "
+                   "(default: fastlora-compare)")  # fmt: skip
+    p.add_argument("--out", help="also write the table as JSON here; replaces only a table fastlora wrote "
+                   "(default: none)")  # fmt: skip

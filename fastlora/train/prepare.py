@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, data: RunData, device: torch.device, dist: Dis
     if M.recipe(cfg.method).virtual_tokens:  # the prompt takes positions of the model's window
         max_length = min(max_length, (limit or 10**9) - cfg.num_virtual_tokens)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
         base.config.use_cache = False
     model = M.build(base, cfg.method, cfg.method_options(), data.task)
     for p in model.parameters():
@@ -108,6 +108,17 @@ def build_model(cfg: TrainConfig, data: RunData, device: torch.device, dist: Dis
         raise TrainingError(f"fastlora: method {cfg.method!r} left nothing trainable in this model")
     train_model = distribute(model, cfg, device, dist)
     return RunModel(model, train_model, tokenizer, max_length, pad_id, trainable, total, path, name)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, through transformers' current name for it:
+    ``activation_checkpointing_enable`` from 5.24 on, which deprecates ``gradient_checkpointing_enable``
+    (a FutureWarning; removed in v6), the only name before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_causal(model: nn.Module, name: str, data_name: str) -> None:
