@@ -210,3 +210,22 @@ def test_merge_folds_into_the_dequantised_base_by_default(causal_run, tmp_path, 
     a = merged.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     b = original.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(a, b)
+
+
+def test_generate_uses_the_rebuilt_4bit_base(causal_run, monkeypatch, capsys):
+    import fastlora.train.trained as trained
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        model, record = load_trained(*args, **kwargs)
+        seen.append((model, record))
+        return model, record
+
+    monkeypatch.setattr(trained, "load_trained", spy)
+    out, _, _ = causal_run
+    argv = ["generate", "--adapter", os.path.join(out, "best"), "--prompt", "add one to 3", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    ((model, record),) = seen
+    layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
+    assert record["layers"] == len(layers) == 14 and all(m.quant_state is not None for m in layers)
