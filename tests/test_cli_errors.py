@@ -506,14 +506,14 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
 # -- 6. causal data needs a causal model (issue 19) ---------------------------------------------------------------
 
 
-def test_instruction_data_with_an_encoder_is_refused(tmp_path, capfd, caplog, monkeypatch):
+def test_instruction_data_with_an_encoder_is_refused(tmp_path, capfd, monkeypatch, fastlora_log):
     """The issue's repro: eight instruction lines and no --model (the default MiniLM, an encoder) trained and exited
     0, every position reading the answer. Now exit 2 naming the data, the model and what to pass instead; the run
     never starts, and transformers' own warning about the model stays visible."""
     monkeypatch.chdir(tmp_path)
     with open("i.jsonl", "w") as f:
         f.writelines(json.dumps({"instruction": "Translate to French: cat", "output": "chat"}) + "\n" for _ in range(8))
-    with caplog.at_level(logging.WARNING):
+    with fastlora_log.at_level(logging.WARNING):
         code = main(["finetune", "--data", "i.jsonl", "--max-steps", "2", "--no-progress"])
     err = capfd.readouterr().err
     assert code == 2, err
@@ -523,8 +523,11 @@ def test_instruction_data_with_an_encoder_is_refused(tmp_path, capfd, caplog, mo
     assert "Pass --model with a decoder" in message and "classification data" in message
     assert "Traceback" not in err
     # transformers' warning is no longer silenced (its handler writes where pytest cannot capture: read the record)
-    assert any("is_decoder=True" in r.getMessage() for r in caplog.records if r.name.startswith("transformers"))
-    assert "cls.predictions" in err and "start random" in err  # the untrained LM head, said once by fastlora
+    records = fastlora_log.records
+    assert any("is_decoder=True" in r.getMessage() for r in records if r.name.startswith("transformers"))
+    # the untrained LM head, said once by fastlora
+    mine = [r.getMessage() for r in records if r.name == "fastlora"]
+    assert [m for m in mine if "cls.predictions" in m and "start random" in m], mine
     assert not os.path.exists(os.path.join("fastlora-run", "checkpoints"))
     assert not os.path.exists(os.path.join("fastlora-run", "adapter"))
 
@@ -546,16 +549,15 @@ def test_a_decoder_trains_causal_data_and_classifies_with_a_head(llama_dir, tmp_
     assert type(trainer.model.model).__name__ == "LlamaForSequenceClassification"
 
 
-def test_loading_keeps_the_warnings_that_matter(llama_dir, caplog, capfd):
+def test_loading_keeps_the_warnings_that_matter(llama_dir, fastlora_log):
     """A classifier's new head is expected (no transformers table, no warning); weights of the model itself that
     the checkpoint lacks are one fastlora warning."""
     from fastlora.train.runtime import load_model
 
-    with caplog.at_level(logging.WARNING, logger="fastlora"):
+    with fastlora_log.at_level(logging.WARNING):
         load_model(llama_dir, "classification", ["a", "b"], torch.float32)
-    assert not [r for r in caplog.records if r.name == "fastlora"]
-    assert "LOAD REPORT" not in capfd.readouterr().err
-    with caplog.at_level(logging.WARNING, logger="fastlora"):
+    assert not [r for r in fastlora_log.records if r.name == "fastlora" or "LOAD REPORT" in r.getMessage()]
+    with fastlora_log.at_level(logging.WARNING):
         load_model(str(minilm.get_model_path()), "causal", None, torch.float32)
-    (record,) = [r for r in caplog.records if r.name == "fastlora"]
-    assert "6 weight(s) not in the checkpoint start random: cls.predictions" in record.getMessage()
+    (message,) = [r.getMessage() for r in fastlora_log.records if r.name == "fastlora"]
+    assert "6 weight(s) not in the checkpoint start random: cls.predictions" in message
