@@ -1,11 +1,15 @@
 # The two commands of the README:
 #   make demo   installs fastlora into .venv and runs the main job (fastlora finetune) on its embedded default
-#   make test   installs fastlora with its test extras into .venv and runs lint + every test
+#   make test   installs fastlora with its test extras into .venv and runs lint + every test (what CI runs:
+#               tests/test_install.py also installs fastlora into a fresh venv with a plain `pip install .`
+#               and runs the install-dependent tests there)
+# and for the edit-test loop:
+#   make test-fast   the suite without the slow, install and aot-compile tests
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-gpu lint env clean bench bench-gpu gpu-stack
+.PHONY: demo test test-fast test-gpu lint env clean bench bench-gpu gpu-stack
 
 env: $(VENV)/.installed $(VENV)/gpu-triton/.installed
 
@@ -39,8 +43,15 @@ lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers (pytest-xdist), each test file on one worker in its order: the interpreter tests are
+# single-threaded Python, so two cores run them in about half the time.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: env
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not slow and not install and not aot"
 
 # On a CUDA machine: the compiled Triton kernels on the GPU (the `gpu`-marked tests).
 test-gpu: env

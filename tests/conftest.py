@@ -3,6 +3,7 @@
 Two runs, because ``TRITON_INTERPRET`` is read when kernels are defined:
 - ``make test`` (any machine): every kernel runs on CPU tensors under the interpreter; `gpu` tests skip.
 - ``make test-gpu`` (``FASTLORA_GPU=1`` on a CUDA machine): only the `gpu` tests, on compiled kernels.
+``make test-fast`` is the first without the `slow`, `install` and `aot` tests (marked here or in pyproject.toml).
 
 Fixtures and hooks only: the names tests share (``DTYPES``, ``rel_error``, ...) live in helpers.py and the
 models in models.py, both imported by name (``from helpers import ...``); nothing imports this file.
@@ -33,6 +34,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ("gpu" in item.keywords) != GPU_RUN:
             item.add_marker(skip_cpu if GPU_RUN else skip_gpu)
+        # tests/test_aot.py's compile of every kernel for sm_80/sm_90 (minutes): `make test` runs it,
+        # `make test-fast` (-m "not aot ...") does not
+        if item.path.name == "test_aot.py" and "compiled" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.aot)
 
 
 @pytest.fixture(autouse=True)

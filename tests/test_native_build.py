@@ -7,6 +7,7 @@ binding type-checked against torch's headers.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -65,13 +66,16 @@ def test_fallback_without_the_extension(monkeypatch, caplog):
     dispatch._warn_once.cache_clear()
 
 
-def test_stale_or_disabled_build_is_refused(monkeypatch):
+def test_stale_or_disabled_build_is_refused(monkeypatch, native_ext):
     class Stale:
         @staticmethod
         def source_hash():
             return "0" * 16
 
     monkeypatch.setattr(native.loader, "_build_config", lambda: Stale())
+    if importlib.util.find_spec("fastlora._C") is None:  # a pip install: the module was compiled on first use
+        spec = importlib.util.spec_from_file_location("fastlora._C", native_ext.__file__)  # stands in for one
+        monkeypatch.setattr(native.loader.importlib.util, "find_spec", lambda name: spec)
     module, reason = native.loader._import_built()
     assert module is None and "stale build" in reason and "build_ext --inplace" in reason
     monkeypatch.setattr(native.loader, "_module", None)
