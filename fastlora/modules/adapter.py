@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fastlora.kernels.adapter_ref import ACTIVATIONS, check_activation
+from fastlora.functional import ACTIVATIONS, check_activation
 from fastlora.ops.adapter import adapter_forward
 
 

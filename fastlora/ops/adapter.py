@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlora import dispatch
+from fastlora.functional import ACTIVATIONS, activation_grad, apply_activation, apply_dropout, check_activation
 from fastlora.kernels import adapter as adapter_kernels
-from fastlora.kernels.adapter_ref import ACTIVATIONS, activation_grad, apply_activation, check_activation
-from fastlora.kernels.lora_ref import apply_dropout
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OP = "adapter"  # forward: (x, w_down, b_down, w_up, b_up, res, activation, dropout_p, seed, save_z) -> (y, z)
