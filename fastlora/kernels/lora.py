@@ -2,11 +2,13 @@
 
 One kernel computes ``out = X · V + U · L (+ bias)`` over an M×N output tile grid:
 
-- forward:  ``y  = x  · Wᵀ + (s·u) · Bᵀ + b``  (V[k, n] = W[n, k], L = Bᵀ), inner size K;
-- backward: ``dx = g  · W  +   v   · A``        (V[n, k] = W[n, k], L = A),  inner size N,
+- forward:  ``y  = x  · Wᵀ + s · (u · Bᵀ) + b``  (V[k, n] = W[n, k], L = Bᵀ), inner size K;
+- backward: ``dx = g  · W  +        v · A``     (V[n, k] = W[n, k], L = A, s = 1), inner size N,
 
 i.e. ``[x | s·u] · [Wᵀ ; Bᵀ]`` and ``[g | v] · [W ; A]``: the low-rank term is R extra inner
-steps of the same accumulator, not a second pass over the output. W is read through two
+steps on the same output tile, not a second pass over the output. Those steps sum in fp32 apart,
+and s multiplies that sum before it joins the tile's, never the fp16/bf16 u: ``s·u`` rounded to fp16 overflowed as soon as |s·u| > 65504
+(lora_alpha 2048, r 8, |x| ≈ 300: every output inf/NaN while the exact ones stay below ~1000). W is read through two
 strides, so both directions use one kernel. A 4-bit W (NF4/FP4, bitsandbytes layout, optionally
 double-quantised) is dequantised tile by tile in registers; no dequantised copy of W is ever
 written to memory. The reference is :mod:`fastlora.kernels.lora_ref`.
@@ -31,7 +33,7 @@ from fastlora.quant.state import QuantState
 def _lora_matmul_kernel(
     x_ptr,  # (M, K) activations
     w_ptr,  # dense W, or packed 4-bit bytes
-    u_ptr,  # (M, R) low-rank activations (already scaled)
+    u_ptr,  # (M, R) low-rank activations (not scaled: s is applied to their fp32 product)
     l_ptr,  # (R, N) low-rank weight, read through strides
     bias_ptr,  # (N,)
     out_ptr,  # (M, N)
@@ -40,6 +42,7 @@ def _lora_matmul_kernel(
     nested_code_ptr,
     offset,
     log2_blocksize,
+    lora_scale,  # s, the low-rank term's factor (fp32)
     M,
     N,
     K,
@@ -144,6 +147,10 @@ def _lora_matmul_kernel(
         acc = mma(a, b, acc, FP32_DOT)
 
     if HAS_LORA:
+        # U L summed apart in fp32 and scaled there: s never touches an fp16/bf16 operand. The second
+        # accumulator lives only here, after the main loop has released its registers (summing U L into
+        # acc before the loop instead pushed the fp32 4-bit 32x32 tile past 255 registers on sm_90).
+        lora = tl.zeros((BM, BN), dtype=tl.float32)
         for r0 in range(0, R, BR):
             rr = r0 + tl.arange(0, BR)
             r_mask = rr < R
@@ -157,7 +164,8 @@ def _lora_matmul_kernel(
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            acc = mma(u, lw, acc, FP32_DOT)
+            lora = mma(u, lw, lora, FP32_DOT)
+        acc += lora * lora_scale
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -212,8 +220,9 @@ def _launch(
     lr: torch.Tensor | None,
     l_strides: tuple[int, int],
     bias: torch.Tensor | None,
+    lora_scale: float = 1.0,
 ) -> torch.Tensor:
-    """out (M, n_out) = x · V + u · L + bias, V = Wᵀ (w_trans) or W."""
+    """out (M, n_out) = x · V + lora_scale · (u · L) + bias, V = Wᵀ (w_trans) or W."""
     m, k = x.shape
     out = _alloc.empty((m, n_out), dtype=x.dtype, device=x.device)
     r = u.shape[1] if u is not None else 0
@@ -247,6 +256,7 @@ def _launch(
         nested_code,
         offset,
         log2_bs,
+        float(lora_scale),
         m,
         n_out,
         k,
@@ -293,25 +303,27 @@ def lora_fwd_triton(
     weight: torch.Tensor,
     state: QuantState | None,
     bias: torch.Tensor | None,
-    u_scaled: torch.Tensor | None,
+    u: torch.Tensor | None,
     lora_b: torch.Tensor | None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + (s·u) Bᵀ + b`` in one launch.
+    """``y = x Wᵀ + s · (u Bᵀ) + b`` in one launch, s applied to the fp32 sum ``u Bᵀ``.
 
     Args:
         x: (M, K) fp32/fp16/bf16, any strides.
         weight: (N, K) dense in x's dtype, or the packed 4-bit bytes that ``state`` describes.
         state: QuantState of a 4-bit (N, K) weight, or None for a dense weight.
         bias: (N,) or None.
-        u_scaled: (M, r) ``s · d(x) Aᵀ`` in x's dtype, or None for no low-rank term.
+        u: (M, r) ``d(x) Aᵀ`` in x's dtype (not scaled), or None for no low-rank term.
         lora_b: (N, r) in x's dtype.
+        scale: s, e.g. lora_alpha / r.
 
     Returns:
         (M, N) in x's dtype.
     """
     n = state.shape[0] if state is not None else weight.shape[0]
     l_strides = (lora_b.stride(1), lora_b.stride(0)) if lora_b is not None else (0, 0)
-    return _launch(x, weight, state, n, True, u_scaled, lora_b, l_strides, bias)
+    return _launch(x, weight, state, n, True, u, lora_b, l_strides, bias, scale)
 
 
 def lora_bwd_dx_triton(
@@ -362,6 +374,7 @@ def _register_aot_specs() -> None:
                 "nested_code_ptr": "*fp32",
                 "offset": "fp32",
                 "log2_blocksize": "i32",
+                "lora_scale": "fp32",
                 **dict.fromkeys(ints, "i32"),
                 **dict.fromkeys((*flags, "BM", "BN", "BK", "BR", "GROUP_M"), "constexpr"),
             }

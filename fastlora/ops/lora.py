@@ -10,9 +10,9 @@ Saved for backward: x, u, the frozen weight (packed when 4-bit) and the dropout 
 dequantised W nor an M×N tensor. The skinny products (u, v, dA, dB) go through torch/cuBLAS.
 
 Where s is applied: on the fp32 accumulator of the product it scales (``addmm``'s alpha, the Triton
-kernel's B term), never on an fp16/bf16 operand. ``(s·u) Bᵀ`` overflows fp16 as soon as |s·u| > 65504
-(alpha 2048, r 8, |x| ≈ 300: every output inf/NaN, the exact ones below 1000); ``s·(u Bᵀ)`` in fp32
-rounds once and overflows only where the exact result does.
+kernel's u Bᵀ steps, the native GEMV's fp32 epilogue), never on an fp16/bf16 operand. ``(s·u) Bᵀ``
+overflows fp16 as soon as |s·u| > 65504 (alpha 2048, r 8, |x| ≈ 300: every output inf/NaN, the exact
+ones below 1000); ``s·(u Bᵀ)`` in fp32 rounds once and overflows only where the exact result does.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _fwd_native(x, weight, state, bias, u, lora_b, scale):
 
 @dispatch.register(OP, "triton", devices=("cuda",), default_on=("cuda",))
 def _fwd_triton(x, weight, state, bias, u, lora_b, scale):
-    """One GEMM over ``[x | s·u]·[Wᵀ ; Bᵀ]``, a 4-bit W dequantised tile by tile."""
-    return lora_kernels.lora_fwd_triton(x, weight, state, bias, u * scale, lora_b)
+    """One GEMM over ``[x | s·u]·[Wᵀ ; Bᵀ]``, a 4-bit W dequantised tile by tile, s on the fp32 sum u Bᵀ."""
+    return lora_kernels.lora_fwd_triton(x, weight, state, bias, u, lora_b, scale)
 
 
 @dispatch.register(OP, "torch")
