@@ -229,3 +229,23 @@ def test_generate_uses_the_rebuilt_4bit_base(causal_run, monkeypatch, capsys):
     ((model, record),) = seen
     layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
     assert record["layers"] == len(layers) == 14 and all(m.quant_state is not None for m in layers)
+
+
+def test_eval_on_another_base_is_refused_unless_allowed(causal_run, tmp_path, capsys):
+    """An artefact used on another base of the same shapes (issue 18) is one error line; --allow-base-mismatch
+    loads it with a warning naming the mismatch."""
+    out, val, _ = causal_run
+    other = tmp_path / "other-llama"
+    tok = _tokenizer()
+    build_llama(seed=1, vocab_size=30522, hidden_size=64, intermediate_size=128, max_position_embeddings=128,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                initializer_range=0.2).save_pretrained(other)  # same shapes, other weights  # fmt: skip
+    tok.save_pretrained(other)
+    adapter = os.path.join(out, "best")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", adapter, "--data", val, "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastlora:") and "base" in err and "allow-base-mismatch" in err, err
+    with pytest.warns(UserWarning, match="another base model.*loading it anyway"):
+        result, _ = _eval(capsys, adapter, val, "--model", str(other), "--allow-base-mismatch")
+    assert result["val_loss"] > 0

@@ -97,8 +97,8 @@ def check_base_fingerprint(
         warnings.warn(f"{message}; loading it anyway (allow_base_mismatch=True)", stacklevel=3)
         return
     raise ValueError(
-        f"{message}. Load it on the base it was trained on, or pass allow_base_mismatch=True to load it "
-        "on this one anyway"
+        f"{message}. Load it on the base it was trained on, or pass allow_base_mismatch=True "
+        "(fastlora eval/generate/merge: --allow-base-mismatch) to load it on this one anyway"
     )
 
 

@@ -185,6 +185,8 @@ def add_parsers(sub) -> None:
                    "trained on (dequantized), or into the original full-precision weights (original); the "
                    "measured difference from the trained model's outputs is printed either way "
                    "(default: dequantized)")  # fmt: skip
+    p.add_argument("--allow-base-mismatch", action="store_true", help="load the adapter although its record says "
+                   "it was trained on another base (a warning instead of the error) (default: refuse)")  # fmt: skip
 
     p = sub.add_parser("generate", help="generate text with a causal LM and optionally a trained artefact")
     p.add_argument("--model", help="base model directory (default: the one recorded with --adapter)")
@@ -197,6 +199,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--temperature", type=_nonnegative, default=0.0, help="sampling temperature; 0: greedy "
                    "[>= 0] (default: 0)")  # fmt: skip
     p.add_argument("--seed", type=count(0), default=0, help="seed of the sampling [>= 0] (default: 0)")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="load the adapter although its record says "
+                   "it was trained on another base (a warning instead of the error) (default: refuse)")  # fmt: skip
 
     p = sub.add_parser("eval", help="validation loss (and accuracy) of a trained artefact on a data file")
     p.add_argument("--adapter", required=True, help="directory written by fastlora finetune (adapter/ or best/); a "
@@ -205,6 +209,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", help="base model directory (default: the one recorded with the adapter)")
     p.add_argument("--data", help="JSONL/CSV (default: the embedded validation set when it was trained on it)")
     p.add_argument("--batch-size", type=count(1), default=32, help="examples per forward [>= 1] (default: 32)")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="load the adapter although its record says "
+                   "it was trained on another base (a warning instead of the error) (default: refuse)")  # fmt: skip
 
     p = sub.add_parser("compare", help="train several methods on one task and print the trade-off table")
     methods = "full,head,adapter,lora,qlora,prefix,prompt"

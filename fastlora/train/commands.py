@@ -135,7 +135,8 @@ def _base_and_artifact(args, *, task_required: str | None = None, manifest: dict
     if task_required and manifest["task"] != task_required:
         raise ValueError(f"fastlora: {args.adapter} was trained for {manifest['task']}, this needs {task_required}")
     path = args.model or manifest["base_model"]
-    model, record = load_trained(args.adapter, manifest, path, merge_into=merge_into)
+    model, record = load_trained(args.adapter, manifest, path, merge_into=merge_into,
+                                 allow_base_mismatch=getattr(args, "allow_base_mismatch", False))  # fmt: skip
     return manifest, model, load_tokenizer(path), path, record
 
 

@@ -114,8 +114,8 @@ class _Wrapped:
     def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
         model.save(directory, tensors)
 
-    def read(self, base: nn.Module, directory: str) -> nn.Module:
-        return self.model_class.load(base, directory)
+    def read(self, base: nn.Module, directory: str, allow_base_mismatch: bool = False) -> nn.Module:
+        return self.model_class.load(base, directory, allow_base_mismatch=allow_base_mismatch)
 
 
 class _WholeModel:
@@ -127,7 +127,7 @@ class _WholeModel:
     def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
         getattr(model, "module", model).save_pretrained(directory, state_dict=tensors, safe_serialization=True)
 
-    def read(self, base: nn.Module, directory: str) -> nn.Module:
+    def read(self, base: nn.Module, directory: str, allow_base_mismatch: bool = False) -> nn.Module:
         raise ValueError(f"fastlora: {directory} holds a whole model (method full): pass it as --model instead")
 
 
@@ -140,7 +140,8 @@ class _Head:
     def write(self, model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
         save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(directory, HEAD_FILE))
 
-    def read(self, base: nn.Module, directory: str) -> nn.Module:
+    def read(self, base: nn.Module, directory: str, allow_base_mismatch: bool = False) -> nn.Module:
+        # the head's file names and shapes are checked on load; it carries no base fingerprint
         return full.load_trainable(base, os.path.join(directory, HEAD_FILE))
 
 
@@ -248,9 +249,11 @@ def save_artifact(
         raise
 
 
-def load_artifact(base: nn.Module, directory: str) -> nn.Module:
-    """The trained model from ``directory`` (written by :func:`save_artifact`) on ``base``."""
-    return recipe(read_manifest(directory)["method"]).artifact.read(base, directory)
+def load_artifact(base: nn.Module, directory: str, *, allow_base_mismatch: bool = False) -> nn.Module:
+    """The trained model from ``directory`` (written by :func:`save_artifact`) on ``base``; an adapter whose
+    record names another base is refused unless ``allow_base_mismatch`` (then loaded with a warning)."""
+    artifact = recipe(read_manifest(directory)["method"]).artifact
+    return artifact.read(base, directory, allow_base_mismatch)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def load_trained(
     path: str,
     *,
     merge_into: str = "dequantized",
+    allow_base_mismatch: bool = False,
     log: Callable[[str], None] = note,
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """(the model of ``adapter_dir`` on the base at ``path``, the quantisation record it was rebuilt with).
@@ -151,7 +152,8 @@ def load_trained(
                 f"fastlora: {where} records {record['layers']} 4-bit layers, but the adapter targets {count} "
                 f"linear layers of {path}: not the base this run was trained on"
             )
-    return M.load_artifact(base, adapter_dir), (record if quantized else None)
+    model = M.load_artifact(base, adapter_dir, allow_base_mismatch=allow_base_mismatch)
+    return model, (record if quantized else None)
 
 
 # -- measuring a merge ------------------------------------------------------------------------------
