@@ -48,7 +48,7 @@ def user_install(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         check=False,
     )
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTLORA_", "PYTHON", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTLORA_", "PYTHON", "VIRTUAL_ENV", "PYTEST_"))}
     env |= {"FASTLORA_CACHE_DIR": str(base / "cache"), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # as an activated venv
     return venv, env
