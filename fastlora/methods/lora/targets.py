@@ -3,6 +3,8 @@ peft's suffix rule, and the tensor shapes an adapter file must have for them."""
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from fastlora.methods.fingerprint import BaseWeight
@@ -15,12 +17,15 @@ from fastlora.quant import QuantState
 
 
 def bnb_linear4bit() -> type | None:
-    """``bitsandbytes.nn.Linear4bit``, or None where bitsandbytes is missing or has no usable backend."""
-    try:
-        import bitsandbytes as bnb
-    except Exception:  # optional: not installed, or no usable backend
-        return None
-    return bnb.nn.Linear4bit
+    """``bitsandbytes.nn.Linear4bit`` where bitsandbytes is already imported, else None.
+
+    A model can hold a bnb layer only once bitsandbytes is imported, so fastlora never imports it here:
+    its import prints notes about optional backends (e.g. "Failed to load CPU gemm_4bit_forward") into
+    every float-model ``inject``.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    nn_module = getattr(bnb, "nn", None)
+    return getattr(nn_module, "Linear4bit", None)
 
 
 def is_linear(module: nn.Module) -> bool:
