@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
-# apply_dropout is also re-exported here until fastlora/ops/lora.py imports it from fastlora.functional.
 from fastlora.functional import apply_dropout
 
-__all__ = ["apply_dropout", "lora_linear_ref"]
+__all__ = ["lora_linear_ref"]
 
 
 def lora_linear_ref(

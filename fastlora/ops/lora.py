@@ -23,8 +23,8 @@ import weakref
 import torch
 
 from fastlora import dispatch, native
+from fastlora.functional import apply_dropout
 from fastlora.kernels import lora as lora_kernels
-from fastlora.kernels.lora_ref import apply_dropout
 from fastlora.quant import QuantArgs, QuantState, dequantize_4bit
 
 OP = "lora_linear"  # forward: y = x Wᵀ + b + s·u Bᵀ
