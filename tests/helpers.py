@@ -91,3 +91,21 @@ def rounding_cases() -> torch.Tensor:
     ties = torch.cat([ties16, ties_bf16, torch.tensor([65520.0, 65504.0, 2.0**-25, 2.0**-24, 3.4e38])]).float()
     around = torch.cat([ties, torch.nextafter(ties, torch.tensor(0.0)), torch.nextafter(ties, torch.tensor(1e39))])
     return torch.cat([around, -around])
+
+
+def loss_before_after(model, batch, optimizer, steps: int) -> tuple[float, float]:
+    """The loss of ``model`` on ``batch`` before and after ``steps`` steps of ``optimizer`` (hosts are built in
+    eval mode, so both losses are deterministic)."""
+    with torch.no_grad():
+        first = model(**batch).loss.item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return first, model(**batch).loss.item()
+
+
+def snapshot(module) -> dict:
+    """A detached copy of ``module``'s state dict, to compare after training."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

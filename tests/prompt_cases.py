@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from helpers import loss_before_after
 from models import tiny_bert, tiny_llama
 
 from fastlora.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
@@ -72,19 +73,7 @@ def logits_of(model, batch):
 def train_steps(model, batch, steps=12, lr=2e-2):
     """Adam on the trainable parameters; returns the loss before and after (hosts are built in eval mode)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    with torch.no_grad():
-        first = model(**batch).loss.item()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return first, model(**batch).loss.item()
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return loss_before_after(model, batch, torch.optim.Adam(params, lr=lr), steps)
 
 
 def assert_only_changed(before, after, trained):

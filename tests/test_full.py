@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from helpers import loss_before_after, snapshot
 from models import tiny_bert, tiny_llama
 from torch import nn
 
@@ -65,20 +66,8 @@ def _logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-def _train(model, batch, optimizer, steps=8):
-    """Returns the loss before and after ``steps`` optimiser steps (hosts are built in eval mode)."""
-    with torch.no_grad():
-        first = model(**batch).loss.item()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return first, model(**batch).loss.item()
-
-
-def _snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+def _train(model, batch, optimizer):
+    return loss_before_after(model, batch, optimizer, steps=8)
 
 
 def _changed(before, after):
@@ -99,12 +88,12 @@ def test_full_finetune_with_discriminative_rates_trains_everything(tmp_path, cap
     assert "bert.encoder.layer.1.attention.self.query.weight" in report and f"all params: {total:,d}" in report
 
     batch = _batch("bert")
-    before = _snapshot(model)
+    before = snapshot(model)
     groups = discriminative_param_groups(model, lr=3e-3, decay=0.8, weight_decay=0.01)
     first, last = _train(model, batch, torch.optim.AdamW(groups))
     assert last < 0.5 * first, (first, last)
     # every parameter tensor moved (AdamW's weight decay alone moves the ones the loss does not reach)
-    assert _changed(before, _snapshot(model)) == {n for n, _ in model.named_parameters()}
+    assert _changed(before, snapshot(model)) == {n for n, _ in model.named_parameters()}
 
     path = str(tmp_path / "model.safetensors")
     assert save_trainable(model, path) == sorted(n for n, _ in model.named_parameters())
@@ -139,11 +128,11 @@ def test_feature_extraction_trains_only_the_head(arch, head, tmp_path, capsys):
     assert capsys.readouterr().out.count(f"{head}.") == len(expected)
 
     batch = _batch("llama" if arch == "llama" else "bert")
-    before = _snapshot(model)
+    before = snapshot(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     first, last = _train(model, batch, optimizer)
     assert last < 0.7 * first, (first, last)
-    assert _changed(before, _snapshot(model)) == expected
+    assert _changed(before, snapshot(model)) == expected
 
     path = str(tmp_path / "head.safetensors")
     save_trainable(model, path)
@@ -214,7 +203,7 @@ def test_discriminative_rates_per_layer_exact(arch):
     groups = discriminative_param_groups(model, lr, decay=decay)
     optimizer = torch.optim.SGD(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    before = _snapshot(model)
+    before = snapshot(model)
     model(**_batch("llama" if arch == "llama" else "bert")).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     optimizer.step()
@@ -263,10 +252,10 @@ def test_loraplus_trains_only_the_adapter(tmp_path):
     assert "model.model.layers.2.mlp.down_proj.adapters.default.lora_B" in b
 
     batch = _batch("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     first, last = _train(model, batch, torch.optim.AdamW(groups))
     assert last < 0.7 * first, (first, last)
-    assert _changed(before, _snapshot(model)) == set(a) | set(b)
+    assert _changed(before, snapshot(model)) == set(a) | set(b)
 
     model.save_adapter(str(tmp_path))
     saved = safetensors_torch.load_file(os.path.join(str(tmp_path), "adapter_model.safetensors"))
@@ -309,14 +298,14 @@ def test_load_trainable_checks_before_copying(tmp_path):
     path = str(tmp_path / "head.safetensors")
     save_trainable(model, path)
     other = _bert(seed=1)
-    before = _snapshot(other)
+    before = snapshot(other)
     safetensors_torch.save_file({**safetensors_torch.load_file(path), "classifier.extra": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=r"'classifier\.extra' is not a parameter"):
         load_trainable(other, path)
     safetensors_torch.save_file({"classifier.bias": torch.zeros(1), "classifier.weight": torch.zeros(3, 48)}, path)
     with pytest.raises(ValueError, match=r"classifier.bias has shape \(1,\)"):
         load_trainable(other, path)
-    assert not _changed(before, _snapshot(other))
+    assert not _changed(before, snapshot(other))
     with open(path, "wb") as f:
         f.write(b"\x00" * 5)
     with pytest.raises(ValueError, match="not a readable safetensors"):

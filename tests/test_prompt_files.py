@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import snapshot
 from prompt_cases import (
     BUILD,
     METHODS,
@@ -16,7 +17,6 @@ from prompt_cases import (
     make_batch,
     peft,
     saved_tensors,
-    snapshot,
     train_steps,
 )
 

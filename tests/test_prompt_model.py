@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import snapshot
 from models import minilm, minilm_path, minilm_tokenizer
 from prompt_cases import (
     METHODS,
@@ -18,7 +19,6 @@ from prompt_cases import (
     make_batch,
     peft,
     saved_tensors,
-    snapshot,
     train_steps,
 )
 
