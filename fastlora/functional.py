@@ -22,23 +22,59 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The LoRA-dropout mask as a pure function of ``seed``: bool, True where kept (probability 1 - p).
+_MIX1 = 0x21F0AAAD  # the mixing constants of a 32-bit integer hash (both < 2**31: their products with a
+_MIX2 = 0x735A2D97  # 32-bit value fit an int64 without overflow, so torch and Triton compute the same bits)
+_MASK32 = 0xFFFFFFFF
 
-    Forward and backward regenerate it from the seed, so the mask is never stored.
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash of int64 tensors holding values in [0, 2**32): xorshift-multiply, twice."""
+    h = h ^ (h >> 16)
+    h = (h * _MIX1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MIX2) & _MASK32
+    return h ^ (h >> 15)
+
+
+def seed32(seed: int) -> int:
+    """The 32-bit key of a dropout ``seed`` (any Python int): what the kernels take."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+def drop_threshold(p: float) -> int:
+    """The integer threshold of drop probability p: an element is kept when its 24-bit draw is >= this."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"fastlora dropout: p must be in [0, 1), got {p!r}")
+    return round(p * (1 << 24))
+
+
+def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The LoRA-dropout mask as a pure function of ``seed`` and the element's position: True where kept.
+
+    Counter-based, so that every kernel regenerates it where it needs it, never storing it: the
+    element (i, j) of the tensor viewed as 2-D (rows = every leading dimension, columns = the last)
+    draws ``hash(hash(i ^ key) ^ j) >> 8``, 24 bits, with ``key = seed32(seed)`` and the hash
+    :func:`_mix32`; it is kept when that draw is ``>= drop_threshold(p)`` (probability 1 - p up to
+    2**-25). The same bits on every device; :func:`fastlora.kernels.primitives.keep_mask` is the
+    Triton twin.
 
     Args:
-        shape: the shape of the tensor dropped out, e.g. (M, K).
+        shape: the shape of the tensor dropped out, e.g. (M, K); at least 1-D.
         p: drop probability in [0, 1).
-        seed: the generator's seed.
-        device: where the mask is drawn (the draw differs between CPU and CUDA generators).
+        seed: the mask's seed (any Python int).
+        device: where the mask is made.
 
     Returns:
         bool tensor of ``shape`` on ``device``.
     """
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.rand(shape, generator=g, device=device, dtype=torch.float32) >= p
+    threshold = drop_threshold(p)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    r = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    c = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    h = _mix32(_mix32((r & _MASK32) ^ seed32(seed)) ^ c)
+    return ((h >> 8) >= threshold).reshape(shape)
 
 
 def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import DTYPES, FLOOR, id_formatter, rel_error
 
-from fastlora.functional import dropout_keep_mask
+from fastlora.functional import drop_threshold, dropout_keep_mask, seed32
 from fastlora.kernels.lora_ref import lora_linear_ref
+from fastlora.kernels.primitives import keep_mask
 from fastlora.ops import lora_linear
 from fastlora.quant import QuantArgs, QuantState, dequantize_4bit, quantize_4bit
 
@@ -122,3 +125,24 @@ def test_opcheck(weight_kind):
     u = x.detach() @ a.detach().T
     bwd_args = (torch.randn(5, 24), x.detach(), w, a.detach(), b.detach(), u, *quant, 2.0, 0.0, 0, "", True)
     torch.library.opcheck(torch.ops.fastlora.lora_linear_backward, bwd_args)
+
+
+@triton.jit
+def _mask_kernel(out_ptr, M, N, key, threshold, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    kept = keep_mask(rm, rn, key, threshold)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], kept.to(tl.int8), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def test_dropout_mask_kernel_twin_is_bit_equal():
+    """primitives.keep_mask (what the kernels regenerate in place) equals functional.dropout_keep_mask
+    for every element, at odd shapes and seeds past 32 bits; rows and columns are independent draws."""
+    for seed, p, (m, n) in [(0, 0.3, (37, 53)), (2**62 + 12345, 0.05, (17, 70)), (2**40, 0.5, (5, 3))]:
+        out = torch.full((m, n), 7, dtype=torch.int8)
+        _mask_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 16))](out, m, n, seed32(seed), drop_threshold(p), BM=16, BN=16)
+        assert torch.equal(out.bool(), dropout_keep_mask((m, n), p, seed, "cpu")), (seed, p)
+    mask = dropout_keep_mask((400, 500), 0.25, 3, "cpu").float()
+    se = (0.75 * 0.25 / 400) ** 0.5
+    assert abs(mask.mean(0).std().item() - se) < 0.2 * se  # column rates scatter as independent draws
+    assert abs(mask.mean().item() - 0.75) < 5 * (0.75 * 0.25 / mask.numel()) ** 0.5

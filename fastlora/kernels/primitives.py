@@ -54,6 +54,27 @@ def round_like(x, ptr):
         return x
 
 
+@triton.jit
+def mix32(h):
+    """:func:`fastlora.functional._mix32` on uint32 values (multiplication wraps mod 2**32)."""
+    h = h ^ (h >> 16)
+    h = h * 0x21F0AAAD
+    h = h ^ (h >> 15)
+    h = h * 0x735A2D97
+    return h ^ (h >> 15)
+
+
+@triton.jit
+def keep_mask(rows, cols, key, threshold):
+    """The LoRA-dropout keep mask of a [len(rows), len(cols)] tile, bit-equal to
+    :func:`fastlora.functional.dropout_keep_mask`: rows/cols int32 or int64 positions in the 2-D view,
+    key = ``seed32(seed)`` and threshold = ``drop_threshold(p)`` (ints). The row hash is computed once
+    per row; each element costs one more hash and a compare."""
+    hr = mix32(rows.to(tl.uint32) ^ key.to(tl.uint32))
+    h = mix32(hr[:, None] ^ cols.to(tl.uint32)[None, :])
+    return (h >> 8) >= threshold.to(tl.uint32)
+
+
 def check_float(t: torch.Tensor, where: str) -> None:
     """``TypeError`` unless ``t`` is fp32, fp16 or bf16, the dtypes the Triton kernels take."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
