@@ -59,7 +59,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompiledInfo:
     fn = spec.fn
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError(f"{spec.name}: not a JITFunction; unset TRITON_INTERPRET to compile ahead of time")
-    src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    signature, constexprs, attrs = spec.runtime_signature()  # the binary the launcher's JIT builds
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as d:

@@ -28,6 +28,12 @@ class KernelSpec:
         constexprs: values of the constexpr arguments.
         num_warps, num_stages: launch options of this config.
         tensor_core: True when the SASS on sm_90 must use HGMMA (wgmma) instructions.
+        ones: int arguments equal to 1 when the kernel runs as profiled (e.g. a unit stride): the
+            launcher's JIT turns an int argument equal to 1 into a constant, so the AOT compile does too.
+        div16: arguments with triton's run-time divisibility-16 hint (a pointer 16-byte aligned, an int
+            divisible by 16); None means every pointer argument and no int. The JIT gives the hint
+            to every argument that has it, and it changes the code (vector loads, pipelining), so the
+            compile that is checked and modelled must receive the same.
     """
 
     name: str
@@ -37,6 +43,24 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     tensor_core: bool = False
+    ones: tuple[str, ...] = ()
+    div16: tuple[str, ...] | None = None
+
+    def runtime_signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], list]]:
+        """(signature, constexprs, attrs) as the run-time JIT specialises the call: ``ones`` made constants 1,
+        ``div16`` (default: the pointers) given ``tt.divisibility = 16``. Arguments are indexed by position
+        in the signature, which lists every argument of the kernel in order."""
+        signature = dict(self.signature)
+        constexprs = dict(self.constexprs)
+        for name in self.ones:
+            if signature.get(name) not in ("i32", "i64"):
+                raise ValueError(f"{self.name}: {name!r} in ones is not an int argument")
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        names = list(signature)
+        hinted = self.div16 if self.div16 is not None else [n for n, t in signature.items() if t.startswith("*")]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted if n not in self.ones}
+        return signature, constexprs, attrs
 
 
 _REGISTRY: list[KernelSpec] = []
