@@ -141,3 +141,34 @@ def test_bandwidth_model():
     assert bandwidth_ceiling(370) == 1.0
     # an issue-bound loop: 32 weights a lane-chunk cost 2000 instructions -> about 41 % of HBM
     assert 0.35 < bandwidth_ceiling(2000) < 0.45
+
+
+def test_unsloth_style_reference_and_path_scope(monkeypatch):
+    # the bench's unsloth-style layer against float64 autograd, every gradient
+    import os
+
+    from fastlora.bench.unsloth_style import PATH_ENV, path_scope, unsloth_style_lora
+
+    monkeypatch.delenv(PATH_ENV, raising=False)
+    m, k, n, r, s = 5, 64, 24, 4, 2.0
+    packed, state = _quantized(n, k, "nf4", 64, True)
+    w = _reference(packed, state, torch.float64)
+    x, a, b, g = torch.randn(m, k), torch.randn(r, k) / 8, torch.randn(n, r) / 2, torch.randn(m, n)
+    xr, ar, br = (t.double().requires_grad_() for t in (x, a, b))
+    (xr @ w.T + s * (xr @ ar.T) @ br.T).backward(g.double())
+    seen = []
+
+    def fwd(t):
+        seen.append(("forward", os.environ.get(PATH_ENV)))
+        y = unsloth_style_lora(t, a, b, packed, state, s)
+        y.register_hook(lambda grad: seen.append(("backward", os.environ.get(PATH_ENV))))
+        return y
+
+    a.requires_grad_(), b.requires_grad_(), x.requires_grad_()
+    y = path_scope(fwd, "dequant_gemm")(x)
+    assert os.environ.get(PATH_ENV) is None  # restored after the forward
+    y.backward(g)
+    assert os.environ.get(PATH_ENV) is None  # and after the backward
+    assert seen == [("forward", "dequant_gemm"), ("backward", "dequant_gemm")]
+    for got, ref in ((y, xr @ w.T + s * (xr @ ar.T) @ br.T), (x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)

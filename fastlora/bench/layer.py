@@ -10,6 +10,9 @@ base, x and the LoRA factors receive gradients); the backward uses one fixed ran
     fastlora-nf4/fp4 FastLoRALinear, 4-bit base (blocksize 64, double quantisation: the QLoRA recipe)
     peft+bnb-nf4     peft's LoRA over bnb.nn.Linear4bit, the same NF4 bytes (bitsandbytes' own 4-bit path)
     dequant-nf4      fastlora.dequantize_4bit(W) every call, then the torch expression above
+    unsloth-nf4      unsloth's fast path, written here (bench/unsloth_style.py): W dequantised into a shared
+                     scratch, cuBLAS, the low-rank term by an in-place addmm_ (fwd and dx); no dropout
+    fastlora-nf4@P   fastlora-nf4 with FASTLORA_PATH=P ("fused" or "dequant_gemm") in forward and backward
 
 Counted work (dequantisation and elementwise work are free; a 4-bit W counts its packed bytes + statistics):
 
@@ -34,9 +37,21 @@ from fastlora.bench.cases import LayerCase
 from fastlora.bench.harness import Guarded, Skip, time_guarded
 from fastlora.bench.records import Record
 from fastlora.bench.timing import DEFAULT_TIMER, DTYPES, TimerConfig
+from fastlora.bench.unsloth_style import path_scope, unsloth_style_lora
 
-IMPLS = ("torch", "peft", "fastlora", "fastlora-nf4", "fastlora-fp4", "peft+bnb-nf4", "dequant-nf4")
-REFERENCES = ("torch", "peft", "peft+bnb-nf4", "dequant-nf4")
+PATHS = ("fused", "dequant_gemm")  # fastlora's LoRA paths (fastlora.ops.plan), forced by FASTLORA_PATH
+IMPLS = (
+    "torch",
+    "peft",
+    "fastlora",
+    "fastlora-nf4",
+    "fastlora-fp4",
+    "peft+bnb-nf4",
+    "dequant-nf4",
+    "unsloth-nf4",
+    *(f"fastlora-nf4@{p}" for p in PATHS),
+)
+REFERENCES = ("torch", "peft", "peft+bnb-nf4", "dequant-nf4", "unsloth-nf4")
 
 
 def lora_flops(m: int, k: int, n: int, r: int, pass_: str) -> int:
@@ -168,6 +183,14 @@ def build(name: str, wt: Weights, dtype: torch.dtype) -> Impl:
     if name == "peft+bnb-nf4":
         packed, state = wt.quant["nf4"]
         return _peft(wt, bnb_linear4bit(packed, state, dtype), four_bit=True)
+    if name == "unsloth-nf4":
+        packed, state = wt.quant["nf4"]
+        a, b = wt.a.clone().requires_grad_(), wt.b.clone().requires_grad_()
+        fwd = functools.partial(unsloth_style_lora, lora_a=a, lora_b=b, packed=packed, state=state, scale=wt.scale)
+        return Impl(name, fwd, {"dA": a, "dB": b}, "nf4")
+    if name.startswith("fastlora") and "@" in name and name in IMPLS:
+        impl = build(name.partition("@")[0], wt, dtype)
+        return dataclasses.replace(impl, name=name, forward=path_scope(impl.forward, name.partition("@")[2]))
     if name.startswith("fastlora"):
         kind = name.partition("-")[2] or "dense"
         weight, state = (wt.w, None) if kind == "dense" else wt.quant[kind]
