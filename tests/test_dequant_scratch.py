@@ -9,7 +9,7 @@ import torch
 from helpers import id_formatter
 
 from fastlora import _alloc, dispatch
-from fastlora.kernels.dequant import bandwidth_ceiling, dequantize_4bit_into
+from fastlora.kernels.dequant import bandwidth_ceiling, dequantize_4bit_fast, dequantize_4bit_into
 from fastlora.ops import scratch as scratch_mod
 from fastlora.ops.scratch import dequantized_weight, release, scratch
 from fastlora.quant import absmax_fp32, quantize_4bit
@@ -77,6 +77,16 @@ def test_dequantize_into_rounds_to_nearest(dtype):
     )
     out = dequantize_4bit_into(packed, state, _alloc.empty((8, 256), dtype=dtype, device="cpu"))
     assert torch.equal(_bits(out), _bits(_reference(packed, state, dtype)))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32), (77,), (4, 64)], ids=str)
+def test_dequantize_fast_any_shape(shape):
+    # the dispatch-signature wrapper: a new poisoned tensor of any shape
+    w = torch.randn(shape)
+    packed, state = quantize_4bit(w, "fp4", 64, True, backend="torch")
+    out = dequantize_4bit_fast(packed, state, torch.bfloat16)
+    assert out.shape == shape
+    assert torch.equal(_bits(out), _bits(_reference(packed, state, torch.bfloat16)))
 
 
 def test_dequantize_into_checks():

@@ -23,13 +23,14 @@ under the interpreter, whose fp32 -> bf16 cast truncates, the bits are rounded f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastlora import dispatch
+from fastlora import _alloc, dispatch
 from fastlora.kernels.primitives import round_to_bf16_bits
 from fastlora.kernels.quant4 import code_value, load_absmax
 from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
@@ -191,6 +192,17 @@ def dequantize_4bit_into(packed: torch.Tensor, state: QuantState, out: torch.Ten
         grid = (triton.cdiv(k, bc), triton.cdiv(n, rows))
         _dequant_general_kernel[grid](*args, n, k, stride, log2_bs, ROWS=rows, BC=bc, **flags)
     return out
+
+
+def dequantize_4bit_fast(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
+    """The ``dequantize_4bit`` dispatch signature over :func:`dequantize_4bit_into`: a new tensor of ``state.shape``
+    (any shape: the flat stream is dequantised as one (1, n) row when W is not 2-D) and ``out_dtype``."""
+    shape = tuple(state.shape)
+    flat = shape if len(shape) == 2 else (1, state.numel)
+    out = _alloc.empty(flat, dtype=out_dtype, device=packed.device)
+    if flat != shape:
+        state = dataclasses.replace(state, shape=torch.Size(flat))
+    return dequantize_4bit_into(packed, state, out).view(shape)
 
 
 def bandwidth_ceiling(
