@@ -200,6 +200,12 @@ def _dora(d):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+def _qalora(d):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["use_qalora"] = True
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize(
     ("damage", "error", "match"),
     [
@@ -208,9 +214,10 @@ def _dora(d):
         (_corrupt_json, ValueError, "adapter_config.json is not valid JSON"),
         (_corrupt_weights, ValueError, "is not a readable safetensors file"),
         (_other_rank, ValueError, r"lora_A.weight has shape \(2, 16\), the model needs \(3, 16\)"),
-        (_dora, ValueError, "use_dora=True is not supported"),
+        (_dora, ValueError, "lora_magnitude_vector"),  # use_dora loads now: a DoRA file without magnitudes fails
+        (_qalora, ValueError, "use_qalora=True is not supported"),
     ],
-    ids=["no-config", "no-weights", "corrupt-config", "corrupt-weights", "shape-mismatch", "dora"],
+    ids=["no-config", "no-weights", "corrupt-config", "corrupt-weights", "shape-mismatch", "dora", "qalora"],
 )
 def test_bad_adapter_directory(tmp_path, damage, error, match):
     directory = _saved(tmp_path)

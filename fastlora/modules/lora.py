@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastlora.modules.dora import DoraAdapter, dora_factor, init_magnitude, is_dora, w_sqnorm
 from fastlora.modules.lora_adapter import LoraAdapter
+from fastlora.ops.dora import dora_linear
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.quant import merge_4bit
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
@@ -41,6 +43,7 @@ class FastLoRALinear(nn.Module):
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
         adapter_name: str = "default",
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if quant_state is not None and quant_state.device.type != "meta":
@@ -60,7 +63,9 @@ class FastLoRALinear(nn.Module):
         self.disabled = False  # True: the base layer alone, exactly
         self.merged = False
         self._stash: tuple[torch.Tensor, QuantState | None] | None = None
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init=init)
+        self._dora_merged: torch.Tensor | None = None  # (N, 1) m / ‖W + s·B A‖ of a DoRA merge, for unmerge
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init=init,
+                         use_dora=use_dora)  # fmt: skip
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -73,14 +78,19 @@ class FastLoRALinear(nn.Module):
         *,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
     ) -> LoraAdapter:
-        """Add a named adapter (it becomes active if none is); the base weight is shared, not copied."""
+        """Add a named adapter (it becomes active if none is); the base weight is shared, not copied.
+        ``use_dora``: a DoRA slot (:class:`DoraAdapter`, magnitude initialised to ‖W + s·B A‖ per row)."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"FastLoRALinear: adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"FastLoRALinear: adapter {name!r} already exists (have {list(self.adapters)})")
-        adapter = LoraAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init,
-                              self.lora_dtype, self.weight.device)  # fmt: skip
+        cls = DoraAdapter if use_dora else LoraAdapter
+        adapter = cls(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init,
+                      self.lora_dtype, self.weight.device)  # fmt: skip
+        if use_dora:
+            init_magnitude(self, adapter)
         adapter.train(self.training)
         self.adapters[name] = adapter
         if self.active_adapter is None:
@@ -121,6 +131,8 @@ class FastLoRALinear(nn.Module):
     lora_alpha = property(lambda self: self.adapter.lora_alpha)
     lora_dropout = property(lambda self: self.adapter.lora_dropout)
     use_rslora = property(lambda self: self.adapter.use_rslora)
+    use_dora = property(lambda self: is_dora(self.adapter))
+    lora_magnitude_vector = property(lambda self: self.adapter.lora_magnitude_vector, doc="(out_features,) DoRA")
 
     # -- construction -----------------------------------------------------------------------
 
@@ -139,6 +151,7 @@ class FastLoRALinear(nn.Module):
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
         adapter_name: str = "default",
+        use_dora: bool = False,
     ) -> FastLoRALinear:
         """Wrap an ``nn.Linear``; with ``quant="nf4"|"fp4"`` its weight is quantised to 4 bits (QLoRA)."""
         if not isinstance(linear, nn.Linear):
@@ -148,7 +161,8 @@ class FastLoRALinear(nn.Module):
             weight, state = quantize_4bit(weight, quant, blocksize, double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(weight, bias, r, lora_alpha, lora_dropout, quant_state=state, use_rslora=use_rslora, init=init,
-                   lora_dtype=lora_dtype or linear.weight.dtype, adapter_name=adapter_name)  # fmt: skip
+                   lora_dtype=lora_dtype or linear.weight.dtype, adapter_name=adapter_name,
+                   use_dora=use_dora)  # fmt: skip
 
     @classmethod
     def from_bnb(
@@ -162,6 +176,7 @@ class FastLoRALinear(nn.Module):
         init: str = "kaiming",
         lora_dtype: torch.dtype | None = None,
         adapter_name: str = "default",
+        use_dora: bool = False,
     ) -> FastLoRALinear:
         """Wrap a quantised ``bnb.nn.Linear4bit``, sharing its packed bytes (no copy, no re-quantisation)."""
         qs = getattr(linear4bit.weight, "quant_state", None)
@@ -175,11 +190,13 @@ class FastLoRALinear(nn.Module):
         compute = getattr(linear4bit, "compute_dtype", None) or state.dtype
         return cls(linear4bit.weight.data, bias, r, lora_alpha, lora_dropout, quant_state=state,
                    use_rslora=use_rslora, init=init, lora_dtype=lora_dtype or compute,
-                   adapter_name=adapter_name)  # fmt: skip
+                   adapter_name=adapter_name, use_dora=use_dora)  # fmt: skip
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """Re-initialise the active adapter (see :meth:`LoraAdapter.reset_parameters`)."""
         self.adapter.reset_parameters(init)
+        if is_dora(self.adapter):
+            init_magnitude(self, self.adapter)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -210,6 +227,10 @@ class FastLoRALinear(nn.Module):
         adapter = self.adapter
         p = adapter.lora_dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        if is_dora(adapter):
+            return dora_linear(x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype),
+                               adapter.lora_magnitude_vector, adapter.scaling, w_sqnorm(self),
+                               quant_state=self.quant_state, dropout_p=p, seed=seed)  # fmt: skip
         return lora_linear(
             x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling,
             quant_state=self.quant_state, dropout_p=p, seed=seed,
@@ -236,16 +257,19 @@ class FastLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """(out_features, in_features) fp32 ``W + s · B A`` of the active adapter, W dequantised if 4-bit.
+        """(out_features, in_features) fp32 ``W + s · B A`` of the active adapter, W dequantised if 4-bit;
+        a DoRA adapter's ``m / ‖W + s · B A‖ ⊙ (W + s · B A)`` (peft's DoRA merge, norm of the unmerged base).
 
         A 4-bit W goes through the merge op (the native kernel where built: one pass over the
         packed weight, no dequantised copy of W beside the result).
         """
-        if self.quant_state is None:
-            return self.weight.float() + self.delta_weight()
         a = self.adapter
-        return merge_4bit(self.weight, self.quant_state, a.lora_A.detach().float(), a.lora_B.detach().float(),
-                          a.scaling, torch.float32)  # fmt: skip
+        if self.quant_state is None:
+            merged = self.weight.float() + self.delta_weight()
+        else:
+            merged = merge_4bit(self.weight, self.quant_state, a.lora_A.detach().float(), a.lora_B.detach().float(),
+                                a.scaling, torch.float32)  # fmt: skip
+        return merged.mul_(dora_factor(self, a)) if is_dora(a) else merged
 
     @torch.no_grad()
     def merge(self, *, requantize: bool = False, keep_original: bool = True) -> dict[str, float]:
@@ -262,6 +286,7 @@ class FastLoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("FastLoRALinear.merge: already merged")
         merged, report = self.merged_weight(), {}
+        self._dora_merged = dora_factor(self, self.adapter) if is_dora(self.adapter) else None
         self._stash = (self.weight.data, self.quant_state) if keep_original else None
         if self.quant_state is None:
             self.weight.data = merged.to(self.weight.dtype)
@@ -293,10 +318,11 @@ class FastLoRALinear(nn.Module):
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.quant_state = state
         elif self.quant_state is None:
-            self.weight.data = (self.weight.float() - self.delta_weight()).to(self.weight.dtype)
+            w = self.weight.float() if self._dora_merged is None else self.weight.float() / self._dora_merged
+            self.weight.data = (w - self.delta_weight()).to(self.weight.dtype)
         else:
             raise RuntimeError("FastLoRALinear.unmerge: a re-quantised merge without keep_original cannot be undone")
-        self._stash = None
+        self._stash = self._dora_merged = self._dora_wsq = None
         self.merged = False
 
     # -- state dict and device moves ----------------------------------------------------------

@@ -25,6 +25,7 @@ _PEFT_FIELDS = (
     "fan_in_fan_out",
     "rank_pattern",
     "alpha_pattern",
+    "use_dora",
 )
 
 
@@ -41,6 +42,8 @@ class LoraConfig:
         modules_to_save: modules trained in full beside the adapter (e.g. "classifier").
         rank_pattern / alpha_pattern: per-module r / alpha overrides, keyed like peft's.
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian", or False (B random too).
+        use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row,
+            ``lora_magnitude_vector`` in the adapter files as peft saves it.
         quantize, blocksize, double_quant: fastlora only, not saved: turn float bases into 4-bit
             ("nf4"/"fp4") while injecting (QLoRA from a float model).
     """
@@ -59,6 +62,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
     quantize: str | None = None
     blocksize: int = 64
     double_quant: bool = True
@@ -70,6 +74,8 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig: bias={self.bias!r} is not supported; fastlora keeps base biases frozen ('none')"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig: use_dora must be True or False, got {self.use_dora!r}")
         if self.fan_in_fan_out:
             raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layers) is not supported")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -102,7 +108,7 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The adapter_config.json content peft reads (``peft_type`` LORA)."""
         out = {field: getattr(self, field) for field in _PEFT_FIELDS}
-        out.update(peft_type="LORA", use_dora=False, layers_to_transform=None, layers_pattern=None, revision=None)
+        out.update(peft_type="LORA", layers_to_transform=None, layers_pattern=None, revision=None)
         return out
 
     @classmethod
@@ -112,7 +118,7 @@ class LoraConfig:
             raise ValueError(f"{where}: expected a JSON object, found {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{where}: peft_type must be 'LORA', found {d.get('peft_type')!r}")
-        for flag in ("use_dora", "use_qalora", "lora_bias"):
+        for flag in ("use_qalora", "lora_bias"):
             if d.get(flag):
                 raise ValueError(f"{where}: {flag}=True is not supported by fastlora")
         for field in ("layers_to_transform", "layer_replication", "target_parameters"):

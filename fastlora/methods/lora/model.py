@@ -86,7 +86,7 @@ class LoraModel(WrappedModel):
         try:
             for path, module in targets:
                 r, alpha = config.r_and_alpha(path)
-                hp = {"use_rslora": config.use_rslora, "init": config.init}
+                hp = {"use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
                 bnb4 = bnb_linear4bit()
                 if isinstance(module, FastLoRALinear):
                     module.add_adapter(name, r, alpha, config.lora_dropout, **hp)
@@ -159,6 +159,8 @@ class LoraModel(WrappedModel):
         if len(adapters) != len(weights) or not adapters:
             raise ValueError(f"fastlora: {len(adapters)} adapters but {len(weights)} weights")
         configs = [self._require(a) for a in adapters]
+        if any(c.use_dora for c in configs):
+            raise ValueError("fastlora: DoRA adapters cannot be combined (the magnitudes do not add)")
         if any(c.modules_to_save for c in configs):
             raise ValueError("fastlora: adapters with modules_to_save cannot be combined")
         if adapter_name in self.peft_config:
@@ -223,6 +225,8 @@ class LoraModel(WrappedModel):
             if name in layer.adapters:
                 out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
                 out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+                if hasattr(layer.adapters[name], "lora_magnitude_vector"):  # DoRA, peft's key
+                    out[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.adapters[name].lora_magnitude_vector
         for path, module in self.saved_modules():
             if name in module.trained:
                 for key, value in module.trained[name].state_dict().items():

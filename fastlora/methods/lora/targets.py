@@ -86,6 +86,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int
         in_features, out_features = features(module)
         shapes[f"{PREFIX}{path}.lora_A.weight"] = (r, in_features)
         shapes[f"{PREFIX}{path}.lora_B.weight"] = (out_features, r)
+        if config.use_dora:
+            shapes[f"{PREFIX}{path}.lora_magnitude_vector"] = (out_features,)
     for path, module in saved_targets(model, config):
         base = module.original if isinstance(module, ModulesToSave) else module
         for key, value in base.state_dict().items():
