@@ -32,22 +32,23 @@ __all__ = ["lora_down", "lora_grad_a", "lora_grads", "lora_up"]
 
 @triton.jit
 def _load(ptr, rows, cols, stride_r, stride_c, r_mask, c_mask):
-    """The tile ptr[rows, cols] (zero outside the masks)."""
+    """ptr[rows, cols], 0 outside the masks."""
     return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=r_mask[:, None] & c_mask[None, :],
                    other=0.0)  # fmt: skip
 
 
 @triton.jit
 def _store(ptr, acc, rows, cols, stride_r, stride_c, r_mask, c_mask):
-    """ptr[rows, cols] = fp32 acc rounded to nearest in ptr's dtype."""
+    """ptr[rows, cols] = acc (fp32) rounded to nearest."""
     tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, round_like(acc, ptr).to(ptr.dtype.element_ty),
              mask=r_mask[:, None] & c_mask[None, :])  # fmt: skip
 
 
 @triton.jit
-def _lora_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, M_BUCKET, stride_xm, stride_xk, stride_ar, stride_ak,
-                      key, threshold, inv_keep, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr, M, K, R, M_BUCKET, stride_xm, stride_xk, stride_ar, stride_ak, key, threshold, inv_keep,
+    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr
+):  # fmt: skip
     """u[rows, r tile] = d(x)·Aᵀ; u (M, R) contiguous."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -72,10 +73,11 @@ def _lora_down_kernel(x_ptr, a_ptr, u_ptr, M, K, R, M_BUCKET, stride_xm, stride_
 
 
 @triton.jit
-def _lora_up_kernel(u_ptr, l_ptr, bias_ptr, out_ptr, M, N, R, M_BUCKET, stride_um, stride_ur, stride_lr,
-                    stride_ln, stride_om, stride_on, scale, key, threshold, inv_keep, HAS_BIAS: tl.constexpr,
-                    DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BR: tl.constexpr):  # fmt: skip
+def _lora_up_kernel(
+    u_ptr, l_ptr, bias_ptr, out_ptr, M, N, R, M_BUCKET, stride_um, stride_ur, stride_lr, stride_ln, stride_om,
+    stride_on, scale, key, threshold, inv_keep, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr
+):  # fmt: skip
     """out[tile] = d'(scale·(u·L)) + bias."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -101,9 +103,11 @@ def _lora_up_kernel(u_ptr, l_ptr, bias_ptr, out_ptr, M, N, R, M_BUCKET, stride_u
 
 
 @triton.jit
-def _lora_grads_kernel(g_ptr, b_ptr, u_ptr, v_ptr, db_ptr, M, N, R, M_BUCKET, N_CHUNK, stride_gm, stride_gn,
-                       stride_bn, stride_br, stride_um, stride_ur, stride_vp, stride_dbp, scale,
-                       FP32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+def _lora_grads_kernel(
+    g_ptr, b_ptr, u_ptr, v_ptr, db_ptr, M, N, R, M_BUCKET, N_CHUNK, stride_gm, stride_gn, stride_bn, stride_br,
+    stride_um, stride_ur, stride_vp, stride_dbp, scale, FP32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BR: tl.constexpr
+):  # fmt: skip
     """Program (m, n, r) loads each g tile of rows [m·BM, +BM) x [n·N_CHUNK, +N_CHUNK) once and feeds both
     products: v_acc += g·B (-> plane n of v) and s·gᵀ·u (BN rows of dB -> plane m)."""
     pid_m = tl.program_id(0)
@@ -133,9 +137,10 @@ def _lora_grads_kernel(g_ptr, b_ptr, u_ptr, v_ptr, db_ptr, M, N, R, M_BUCKET, N_
 
 
 @triton.jit
-def _lora_grad_a_kernel(v_ptr, x_ptr, da_ptr, M, K, R, M_CHUNK, stride_vm, stride_vr, stride_xm, stride_xk,
-                        stride_dap, key, threshold, inv_keep, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-                        BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+def _lora_grad_a_kernel(
+    v_ptr, x_ptr, da_ptr, M, K, R, M_CHUNK, stride_vm, stride_vr, stride_xm, stride_xk, stride_dap, key, threshold,
+    inv_keep, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr
+):  # fmt: skip
     """Program (k, m, r): dA[r tile, k tile] over rows [m·M_CHUNK, +M_CHUNK) -> plane m, as dAᵀ = d(x)ᵀ·v
     (BK, BR): BK is the product's M, so it runs on wgmma."""
     pid_k = tl.program_id(0)
@@ -163,7 +168,7 @@ def _lora_grad_a_kernel(v_ptr, x_ptr, da_ptr, M, K, R, M_CHUNK, stride_vm, strid
 
 @triton.jit
 def _sum_partials_kernel(part_ptr, out_ptr, P, L, BLOCK: tl.constexpr):
-    """out[i] = Σ_p part[p, i] (fp32, p in order 0..P-1), rounded to out's dtype; part (P, L) contiguous."""
+    """out[i] = Σ_p part[p, i], fp32, p = 0..P-1 in order; part (P, L) contiguous."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -181,9 +186,16 @@ DOWN_CONFIGS = {"tc": [_C({"BM": 64, "BK": 64}, num_warps=4, num_stages=4), _C({
 UP_CONFIGS = {"tc": [_C({"BM": 64, "BN": 128}, num_warps=4, num_stages=2), _C({"BM": 16, "BN": 128}, num_warps=4,
               num_stages=2)], "fp32": [_C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2)],
               "interp": _C({"BM": 16, "BN": 32})}  # fmt: skip
-# lora_grads' row block is fixed per dtype (the dB partials are sized by it before the launch); BN is tuned.
-GRADS_BM = {"tc": 128, "fp32": 32, "interp": 16}
-GRADS_CONFIGS = {"tc": [_C({"BN": 64}, num_warps=8, num_stages=3), _C({"BN": 32}, num_warps=4, num_stages=3)],
+# lora_grads' row block is fixed (the dB partials are sized by it before the launch); BN is tuned.
+GRADS_BM = {"tc": 256, "fp32": 32, "interp": 16}
+
+
+def _grads_bm(kind: str, br: int) -> int:
+    """lora_grads' rows per program (halved at BR = 64 on tensor cores: 256 spills on sm_80)."""
+    return GRADS_BM[kind] // (2 if kind == "tc" and br > 32 else 1)
+
+
+GRADS_CONFIGS = {"tc": [_C({"BN": 64}, num_warps=8, num_stages=2), _C({"BN": 32}, num_warps=4, num_stages=3)],
                  "fp32": [_C({"BN": 32}, num_warps=4, num_stages=2)], "interp": _C({"BN": 16})}  # fmt: skip
 GRAD_A_CONFIGS = {"tc": [_C({"BM": 64, "BK": 128}, num_warps=4, num_stages=3), _C({"BM": 32, "BK": 64},
                   num_warps=4, num_stages=3)], "fp32": [_C({"BM": 32, "BK": 32}, num_warps=4, num_stages=2)],
@@ -219,7 +231,7 @@ def _dropout_args(p: float, seed: int) -> tuple[int, int, float]:
 
 
 def _splits(length: int, others: int, align: int) -> tuple[int, int]:
-    """(chunk, count): ``length`` in chunks (multiples of align) for about TARGET_PROGRAMS programs."""
+    """(chunk, count): ``length`` in chunks (multiples of align), about TARGET_PROGRAMS programs in all."""
     want = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(others, 1)), triton.cdiv(length, align)))
     chunk = triton.cdiv(triton.cdiv(length, want), align) * align
     return chunk, triton.cdiv(length, chunk)
@@ -265,15 +277,8 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, p: float = 0.0, seed: int = 0) -
     return u
 
 
-def lora_up(
-    u: torch.Tensor,
-    l: torch.Tensor,
-    scale: float = 1.0,
-    bias: torch.Tensor | None = None,
-    p: float = 0.0,
-    seed: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def lora_up(u: torch.Tensor, l: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None, p: float = 0.0,
+            seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """C = d'(scale·(u·L)) + bias: u (M, r), l = L (r, N), out (M, N) or None, any strides, one dtype;
     bias (N,) or None -> C (M, N), ``out`` when given. The mask over C's positions; scale, 1/(1-p) and
     bias act in fp32. Forward: ``lora_up(u, lora_b.T, s, bias)``; dx's ``lora_up(v, lora_a, 1, None, p, seed)``."""
@@ -303,7 +308,8 @@ def lora_grads(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, scale: float) 
     if m == 0 or n == 0:
         return v.zero_(), db.zero_()
     kind = _kind(g.dtype)
-    bm, br = GRADS_BM[kind], r_tile(r)
+    br = r_tile(r)
+    bm = _grads_bm(kind, br)
     blocks, r_tiles = triton.cdiv(m, bm), triton.cdiv(r, br)
     n_chunk, n_splits = _splits(n, blocks * r_tiles, CHUNK_ALIGN[kind])
     v_part, db_part = _planes(n_splits, (m, r), v), _planes(blocks, (n, r), db)
@@ -336,6 +342,9 @@ def lora_grad_a(v: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: int = 0)
     return _finish(part, da)
 
 
+_SPEC_NAMES: set[str] = set()
+
+
 def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=()) -> None:
     """Register ``fn`` as the JIT builds it at the 8B training shapes (M = 8192, K = N = 4096, r = 16,
     contiguous): unit strides in ``ones``; pointers and ints divisible by 16 in ``div16`` (all but the
@@ -346,33 +355,34 @@ def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=()) -> None:
         for q in inspect.signature(fn.fn).parameters.values()
     }  # fmt: skip
     div16 = tuple(n for n, t in sig.items() if t not in ("constexpr", "fp32") and n not in ("key", "threshold", "P"))
-    tag = ",".join(f"{k}={v}" for k, v in flags.items())
-    register(KernelSpec(name=f"{name}[{str(dtype)[6:]},{tag}]", fn=fn, signature=sig,
+    name = f"{name}[{str(dtype)[6:]},{','.join(f'{k}={v}' for k, v in flags.items())}]"
+    if name in _SPEC_NAMES:
+        return  # no dropout flag
+    _SPEC_NAMES.add(name)
+    ones += ("stride_on",) if fn is _lora_up_kernel else ()
+    register(KernelSpec(name=name, fn=fn, signature=sig,
                         constexprs={**flags, "FP32_DOT": dtype == torch.float32, **cfg.kwargs},
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=ones, div16=div16))  # fmt: skip
 
 
 def _register_aot_specs() -> None:
-    """Every kernel x dtype x tuning config, at BR = 16 (the 8B rank; dropout off and on) and BR = 64
-    (the register peak); lora_up as the forward calls it (L = Bᵀ, a view of B (N, r); bias) and dx (L = A)."""
-    ups = ("stride_ur", "stride_on")
-    kernels = (  # name, kernel, configs, unit strides, fp32 partial planes, flags (None: varied)
-        ("lora_down", _lora_down_kernel, DOWN_CONFIGS, ("stride_xk", "stride_ak"), (), {"DROPOUT": None}),
-        ("lora_up_dx", _lora_up_kernel, UP_CONFIGS, (*ups, "stride_ln"), (), {"HAS_BIAS": False, "DROPOUT": None}),
-        ("lora_up_fwd", _lora_up_kernel, UP_CONFIGS, (*ups, "stride_lr"), (), {"HAS_BIAS": True, "DROPOUT": False}),
-        ("lora_grads", _lora_grads_kernel, GRADS_CONFIGS, ("stride_gn", "stride_br", "stride_ur"), ("v_ptr", "db_ptr"),
-         {"BM": GRADS_BM}),
-        ("lora_grad_a", _lora_grad_a_kernel, GRAD_A_CONFIGS, ("stride_vr", "stride_xk"), ("da_ptr",), {"DROPOUT": None}),
-    )  # fmt: skip
+    """Every kernel x dtype x tuning config at BR = 16 (the 8B rank) without and with dropout, and BR = 64
+    (the register peak); lora_up as forward calls it (L = Bᵀ, a view of B (N, r); bias) and as dx (L = A)."""
     for dtype in TL_POINTER:
         kind = "fp32" if dtype == torch.float32 else "tc"
-        for name, fn, table, ones, fp32_ptrs, flags in kernels:
-            for i, cfg in enumerate(table[kind]):
-                for br, drop in ((16, False), (16, True), (64, True)):
-                    if flags.get("DROPOUT", 1) is not None and (br, drop) == (16, True):
-                        continue  # no dropout flag to vary
-                    f = {k: drop if v is None else v[kind] if isinstance(v, dict) else v for k, v in flags.items()}
-                    _spec(f"{name}{i}", fn, dtype, cfg, {**f, "BR": br}, ones, fp32_ptrs)
+        for br, drop in ((16, False), (16, True), (64, True)):
+            d = {"DROPOUT": drop, "BR": br}
+            for name, fn, table, flags, ones, parts in (
+                ("lora_down", _lora_down_kernel, DOWN_CONFIGS, d, ("stride_xk", "stride_ak"), ()),
+                ("lora_up_dx", _lora_up_kernel, UP_CONFIGS, {"HAS_BIAS": False, **d}, ("stride_ur", "stride_ln"), ()),
+                ("lora_up_fwd", _lora_up_kernel, UP_CONFIGS, {"HAS_BIAS": True, "DROPOUT": False, "BR": br},
+                 ("stride_ur", "stride_lr"), ()),
+                ("lora_grads", _lora_grads_kernel, GRADS_CONFIGS, {"BM": _grads_bm(kind, br), "BR": br},
+                 ("stride_gn", "stride_br", "stride_ur"), ("v_ptr", "db_ptr")),
+                ("lora_grad_a", _lora_grad_a_kernel, GRAD_A_CONFIGS, d, ("stride_vr", "stride_xk"), ("da_ptr",)),
+            ):  # fmt: skip
+                for i, cfg in enumerate(table[kind]):
+                    _spec(f"{name}{i}", fn, dtype, cfg, flags, ones, parts)
         _spec("lora_sum_partials", _sum_partials_kernel, dtype, _SUM_CONFIG, {}, (), ("part_ptr",))
 
 
