@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from fastlora.methods.files import write_json
+from fastlora.methods.lora.init import changes_base, is_known_init
 from fastlora.modules.lora_adapter import check_lora_hparams
 
 # Fields peft's LoraConfig has that fastlora also honours; everything written to adapter_config.json.
@@ -26,6 +27,7 @@ _PEFT_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
     "use_dora",
+    "loftq_config",
 )
 
 
@@ -41,7 +43,9 @@ class LoraConfig:
             "all-linear" (every linear layer except the output head).
         modules_to_save: modules trained in full beside the adapter (e.g. "classifier").
         rank_pattern / alpha_pattern: per-module r / alpha overrides, keyed like peft's.
-        init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian", or False (B random too).
+        init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian", or False (B random too); or a start that
+            rewrites the base (see :mod:`fastlora.methods.lora.init`): "pissa", "pissa_niter_K", "olora",
+            "loftq" (with ``loftq_config={"loftq_bits": 4, "loftq_iter": K}``, peft's LoftQConfig fields).
         use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row,
             ``lora_magnitude_vector`` in the adapter files as peft saves it.
         quantize, blocksize, double_quant: fastlora only, not saved: turn float bases into 4-bit
@@ -63,6 +67,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     quantize: str | None = None
     blocksize: int = 64
     double_quant: bool = True
@@ -78,10 +83,15 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: use_dora must be True or False, got {self.use_dora!r}")
         if self.fan_in_fan_out:
             raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layers) is not supported")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if not is_known_init(self.init_lora_weights):
             raise ValueError(
-                f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "LoraConfig: init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or "
+                f"'loftq', got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.loftq_config, dict):  # peft's LoftQConfig object: its fields
+            self.loftq_config = dict(vars(self.loftq_config))
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            raise ValueError("LoraConfig: init_lora_weights='loftq' needs loftq_config (e.g. {'loftq_iter': 1})")
         if self.quantize not in (None, "nf4", "fp4"):
             raise ValueError(f"LoraConfig: quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
         # the layer checks r against its shape when the adapter is added; here what needs no model
@@ -97,6 +107,8 @@ class LoraConfig:
     @property
     def init(self) -> str:
         """The FastLoRALinear ``init`` name for ``init_lora_weights``."""
+        if changes_base(self.init_lora_weights):
+            return "kaiming"  # drawn, then overwritten by the base-changing start (methods/lora/init.py)
         return {True: "kaiming", False: "none", "gaussian": "gaussian"}[self.init_lora_weights]
 
     def r_and_alpha(self, name: str) -> tuple[int, float]:

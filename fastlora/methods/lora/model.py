@@ -22,6 +22,7 @@ from torch import nn
 from fastlora.methods.fingerprint import base_fingerprint, check_integrity
 from fastlora.methods.lora.config import LoraConfig
 from fastlora.methods.lora.files import PREFIX, read_lora_dir, save_lora_files
+from fastlora.methods.lora.init import changes_base, init_layer
 from fastlora.methods.lora.targets import (
     base_weights,
     bnb_linear4bit,
@@ -75,8 +76,12 @@ class LoraModel(WrappedModel):
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, config: LoraConfig) -> None:
-        """Add adapter ``name`` to the layers ``config`` selects (wrapping new ones); the base is shared."""
+    def add_adapter(self, name: str, config: LoraConfig, *, init_base: bool = True) -> None:
+        """Add adapter ``name`` to the layers ``config`` selects (wrapping new ones); the base is shared.
+
+        PiSSA, OLoRA and LoftQ starts (``config.init_lora_weights``) rewrite each target's float base
+        (``init_base=False``, as loading does: A and B from Kaiming, to be overwritten, the base untouched)."""
+        base_init = init_base and changes_base(config.init_lora_weights)
         if name in self.peft_config:
             raise ValueError(f"fastlora: adapter {name!r} already exists (have {list(self.peft_config)})")
         targets, saved = lora_targets(self.model, config), saved_targets(self.model, config)
@@ -88,7 +93,9 @@ class LoraModel(WrappedModel):
                 r, alpha = config.r_and_alpha(path)
                 hp = {"use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
                 bnb4 = bnb_linear4bit()
-                if isinstance(module, FastLoRALinear):
+                if base_init:  # PiSSA / OLoRA / LoftQ: a float nn.Linear only (checked there)
+                    set_module(self.model, path, init_layer(module, config, r, alpha, name))
+                elif isinstance(module, FastLoRALinear):
                     module.add_adapter(name, r, alpha, config.lora_dropout, **hp)
                 elif not (bnb4 is not None and isinstance(module, bnb4)):  # nn.Linear (Linear4bit subclasses it)
                     new = FastLoRALinear.from_linear(module, r, alpha, config.lora_dropout, quant=config.quantize,
@@ -295,7 +302,7 @@ class LoraModel(WrappedModel):
         # after the names and shapes, which say more precisely what does not fit
         check_integrity(directory, record, base_weights(lora_targets(self.model, config)),
                         allow_base_mismatch=allow_base_mismatch)  # fmt: skip
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, init_base=False)
         copy_checked(self.adapter_state_dict(adapter_name), tensors, directory, **options)
         if not is_trainable:
             self._freeze(adapter_name)
