@@ -21,7 +21,7 @@ from fastlora.methods import (
     loraplus_param_groups,
 )
 from fastlora.modules import FastAdapter, FastLoRALinear
-from fastlora.ops import adapter_forward, lora_linear
+from fastlora.ops import LoRAPlan, adapter_forward, lora_linear, plan
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "AdapterConfig",
     "FastAdapter",
     "FastLoRALinear",
+    "LoRAPlan",
     "LoraConfig",
     "LoraModel",
     "PTuningConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "load_prompt",
     "lora_linear",
     "loraplus_param_groups",
+    "plan",
     "quantize_4bit",
 ]
 

@@ -39,7 +39,7 @@ from fastlora.bench.records import Record
 from fastlora.bench.timing import DEFAULT_TIMER, DTYPES, TimerConfig
 from fastlora.bench.unsloth_style import path_scope, unsloth_style_lora
 
-PATHS = ("fused", "dequant_gemm")  # fastlora's LoRA paths (fastlora.ops.plan), forced by FASTLORA_PATH
+PATHS = ("fused", "dequant_gemm")  # fastlora's LoRA paths (fastlora.ops.planner), forced by FASTLORA_PATH
 IMPLS = (
     "torch",
     "peft",

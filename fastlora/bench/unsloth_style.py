@@ -6,7 +6,7 @@ place. Per pass, beside the GEMMs' own traffic, it moves one extra read and writ
 (``addmm_`` reads y back) and of the [M, K] input gradient. Dropout is unsupported, as in unsloth's fast path.
 
 ``path_scope``: runs a callable's forward and backward with ``FASTLORA_PATH`` set, to time one of
-fastlora's paths on its own (the bench only sets the variable; :mod:`fastlora.ops.plan` reads it).
+fastlora's paths on its own (the bench only sets the variable; :mod:`fastlora.ops.planner` reads it).
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ Chain rule (g = dL/dy, s = scale, d = LoRA dropout, u = d(x) Aᵀ saved from the
     dx = g W + d'(v A)    (one fused GEMM ``[g | v]·[W ; A]`` when there is no dropout)
 
 Saved for backward: x, u, the frozen weight (packed when 4-bit) and the dropout seed; never a
-dequantised W nor an M×N tensor. The skinny products (u, v, dA, dB) go through torch/cuBLAS.
+dequantised W nor an M×N tensor. Each pass runs on the path :mod:`fastlora.ops.planner` picks by size:
+``fused`` (one kernel, W dequantised in registers) or ``dequant_gemm`` (W dequantised into a shared
+scratch, then one GEMM carrying the low-rank term: :mod:`fastlora.ops.lora_paths`). The low-rank
+products (u, v, dA, dB) have their own tables there: on the GPU, v and dB in one pass over g, and the
+dropout mask regenerated in-kernel wherever it applies (u, dA, and dx's d'(v A)), never stored.
 
 Where s is applied: on the fp32 accumulator of the product it scales (``addmm``'s alpha, the Triton
 kernel's u Bᵀ steps, the native GEMV's fp32 epilogue), never on an fp16/bf16 operand. ``(s·u) Bᵀ``
@@ -25,10 +29,11 @@ import torch
 from fastlora import dispatch, native
 from fastlora.functional import apply_dropout
 from fastlora.kernels import lora as lora_kernels
+from fastlora.ops import lora_paths
+from fastlora.ops.planner import OP, OP_DX, choose_path, requested_path
 from fastlora.quant import QuantArgs, QuantState, dequantize_4bit
 
-OP = "lora_linear"  # forward: y = x Wᵀ + b + s·u Bᵀ
-OP_DX = "lora_linear_dx"  # backward input gradient: dx = g W (+ v A)
+# OP, forward: y = x Wᵀ + b + s·u Bᵀ;  OP_DX, backward input gradient: dx = g W (+ d'(v A))
 
 
 def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
@@ -40,7 +45,7 @@ def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.d
     return dequantize_4bit(weight, state, dtype, backend=None if weight.device.type == "cpu" else "torch")
 
 
-# -- the dispatch tables: forward (x, weight, state, bias, u, lora_b, scale) -> y ------------------
+# -- the dispatch tables: forward (x, weight, state, bias, u, lora_b, scale, path) -> y ------------
 
 
 def _decode_only(facts) -> str | None:
@@ -53,7 +58,7 @@ def _decode_only(facts) -> str | None:
 
 @dispatch.register(OP, "native", devices=("cpu", "cuda"), default_on=("cpu",), when=_decode_only,
                    available=native.unavailable_reason)  # fmt: skip
-def _fwd_native(x, weight, state, bias, u, lora_b, scale):
+def _fwd_native(x, weight, state, bias, u, lora_b, scale, path=None):
     """Decode: W read once, dequantised in registers, s·u Bᵀ added in the epilogue (u carries the dropout)."""
     with_lora = lora_b.shape[1] > 0  # r = 0: the base alone (a disabled or merged adapter)
     return native.gemv_4bit(x, weight, state, bias, lora_b=lora_b if with_lora else None,
@@ -61,36 +66,37 @@ def _fwd_native(x, weight, state, bias, u, lora_b, scale):
 
 
 @dispatch.register(OP, "triton", devices=("cuda",), default_on=("cuda",))
-def _fwd_triton(x, weight, state, bias, u, lora_b, scale):
-    """One GEMM over ``[x | s·u]·[Wᵀ ; Bᵀ]``, a 4-bit W dequantised tile by tile, s on the fp32 sum u Bᵀ."""
+def _fwd_triton(x, weight, state, bias, u, lora_b, scale, path="fused"):
+    """fused: one GEMM over ``[x | u]·[Wᵀ ; Bᵀ]``, a 4-bit W dequantised tile by tile, s on the fp32 sum u Bᵀ;
+    dequant_gemm: W dequantised into the scratch, then one GEMM with C = s·u Bᵀ + b."""
+    if path == "dequant_gemm":
+        return lora_paths.forward(x, weight, state, bias, u, lora_b, scale, backend="triton")
     return lora_kernels.lora_fwd_triton(x, weight, state, bias, u, lora_b, scale)
 
 
 @dispatch.register(OP, "torch")
-def _fwd_torch(x, weight, state, bias, u, lora_b, scale):
+def _fwd_torch(x, weight, state, bias, u, lora_b, scale, path=None):
     y = torch.nn.functional.linear(x, _dense_weight(weight, state, x.dtype), bias)
     return torch.addmm(y, u, lora_b.T, alpha=scale)  # y + s·(u Bᵀ), s on the fp32 accumulator: one rounding
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · a @ b`` with the scale applied to the fp32 accumulator (addmm's alpha on CPU and cuBLAS),
-    so an fp16/bf16 result overflows only where the exact one does. a: (M, K), b: (K, N)."""
-    return torch.addmm(a.new_zeros(()).expand(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
-
-
-# backward input gradient (grad, weight, state, v, lora_a) -> g W + v A (v A skipped when v is None)
+# backward input gradient (grad, weight, state, v, lora_a, dropout_p, seed, path) -> g W + d'(v A)
+# (v A skipped when v is None; d' the dropout mask of x's positions, scaled by 1 / (1 - p))
 
 
 @dispatch.register(OP_DX, "triton", devices=("cuda",), default_on=("cuda",))
-def _dx_triton(grad, weight, state, v, lora_a):
-    """One GEMM over ``[g | v]·[W ; A]``."""
-    return lora_kernels.lora_bwd_dx_triton(grad, weight, state, v, lora_a)
+def _dx_triton(grad, weight, state, v, lora_a, dropout_p, seed, path="fused"):
+    """fused: one GEMM over ``[g | v]·[W ; A]``, the mask applied to the fp32 low-rank sum in-kernel;
+    dequant_gemm: W dequantised into the scratch, then one GEMM with C = d'(v A)."""
+    if path == "dequant_gemm":
+        return lora_paths.input_grad(grad, weight, state, v, lora_a, dropout_p, seed, backend="triton")
+    return lora_kernels.lora_bwd_dx_triton(grad, weight, state, v, lora_a, dropout_p=dropout_p, seed=seed)
 
 
 @dispatch.register(OP_DX, "torch")
-def _dx_torch(grad, weight, state, v, lora_a):
+def _dx_torch(grad, weight, state, v, lora_a, dropout_p, seed, path=None):
     grad_x = grad @ _dense_weight(weight, state, grad.dtype)
-    return grad_x if v is None else grad_x + v @ lora_a
+    return grad_x if v is None else grad_x + apply_dropout(v @ lora_a, dropout_p, seed)
 
 
 # -- the custom ops -----------------------------------------------------------------------------
@@ -115,17 +121,24 @@ def _lora_linear_op(
     dropout_p: float,
     seed: int,
     backend: str,
+    path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
                                     nested_offset)  # fmt: skip
-    u = apply_dropout(x, dropout_p, seed) @ lora_a.T
     choice = dispatch.choose(OP, x.device, backend or None, m=x.shape[0], quantized=state is not None)
-    return choice.fn(x, weight, state, bias, u, lora_b, scale), u
+    u = lora_paths.lora_down(x, lora_a, dropout_p, seed, choice.backend)
+    chosen = _path(OP, choice.backend, path, x.shape[0], x.shape[1], shape[0], state, x.dtype)
+    return choice.fn(x, weight, state, bias, u, lora_b, scale, chosen), u
+
+
+def _path(op, backend, path, m, k, n, state, dtype) -> str:
+    quant = None if state is None else state.quant_type
+    return choose_path(op, None, backend, path or None, m, k, n, quant, dtype)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
-      nested_offset, scale, dropout_p, seed, backend):  # fmt: skip
+      nested_offset, scale, dropout_p, seed, backend, path):  # fmt: skip
     return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
@@ -149,26 +162,24 @@ def _lora_linear_backward_op(
     dropout_p: float,
     seed: int,
     backend: str,
+    path: str,
     needs_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
                                     nested_offset)  # fmt: skip
-    v = _scaled_mm(grad, lora_b, scale)  # s·g B
-    grad_b = _scaled_mm(grad.T, u, scale)  # s·gᵀ u
-    grad_a = v.T @ apply_dropout(x, dropout_p, seed)
+    # v = s·g B and dB = s·gᵀ u (one pass over g on the GPU), dA = vᵀ d(x) (the mask regenerated)
+    v, grad_a, grad_b = lora_paths.lora_grads(grad, x, lora_a, lora_b, u, scale, dropout_p, seed, backend or None)
     if not needs_dx:
         return x.new_empty((0,)), grad_a, grad_b
-    fused = dropout_p == 0.0  # with dropout, v A needs the mask applied before it is added
     choice = dispatch.choose(OP_DX, grad.device, backend or None, m=grad.shape[0], quantized=state is not None)
-    grad_x = choice.fn(grad, weight, state, v if fused else None, lora_a if fused else None)
-    if not fused:
-        grad_x = grad_x + apply_dropout(v @ lora_a, dropout_p, seed)
+    chosen = _path(OP_DX, choice.backend, path, grad.shape[0], x.shape[1], shape[0], state, grad.dtype)
+    grad_x = choice.fn(grad, weight, state, v, lora_a, dropout_p, seed, chosen)
     return grad_x, grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
-      nested_offset, scale, dropout_p, seed, backend, needs_dx):  # fmt: skip
+      nested_offset, scale, dropout_p, seed, backend, path, needs_dx):  # fmt: skip
     grad_x = torch.empty_like(x) if needs_dx else x.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
@@ -176,7 +187,7 @@ def _(grad, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, qu
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, absmax, nested_absmax, nested_code, *rest = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], absmax, nested_absmax, nested_code)
-    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, dropout_p, seed, backend
+    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, dropout_p, seed, backend, path
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
@@ -206,6 +217,7 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: int = 0,
     backend: str | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """``x Wᵀ + b + scale · d(x) Aᵀ Bᵀ`` with W frozen (dense, or 4-bit with ``quant_state``).
 
@@ -219,6 +231,8 @@ def lora_linear(
         dropout_p: LoRA dropout probability in [0, 1); the mask is a function of ``seed``.
         backend: "torch", "triton" or "native" for every pass of this call; default
             ``FASTLORA_BACKEND``, else by device and size (see :mod:`fastlora.dispatch`).
+        path: "fused" or "dequant_gemm" for every pass that runs on Triton; default ``FASTLORA_PATH``, else
+            by size (:func:`fastlora.plan` says which and why).
 
     Returns:
         (..., N) in x's dtype. Differentiable in x, bias, lora_a and lora_b.
@@ -233,8 +247,11 @@ def lora_linear(
         x2 = x2.contiguous()
     quant = QuantArgs.dense(weight) if quant_state is None else quant_state.op_args()
     dispatch.requested_backend(backend, op=OP)  # an unknown name fails here, not inside the op
+    requested_path(path)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastlora lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
     y, _ = torch.ops.fastlora.lora_linear(x2, weight, bias, lora_a, lora_b, *quant, float(scale), float(dropout_p),
-                                          int(seed), backend or "")  # fmt: skip
+                                          int(seed), backend or "", path or "")  # fmt: skip
     return y.view(*lead, y.shape[-1])
 
 
