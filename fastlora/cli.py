@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and print registers, spills, wgmma use")
 
+    plan = sub.add_parser("plan", help="which path, backend and kernel run each pass of a LoRA linear, and why")
+    plan.add_argument("--m", type=count(1), nargs="+", default=[1, 16, 256, 4096, 8192], help="rows (tokens) [>= 1]")
+    plan.add_argument("--k", type=count(1), default=4096, help="in_features [>= 1]")
+    plan.add_argument("--n", type=count(1), default=4096, help="out_features [>= 1]")
+    plan.add_argument("--r", type=count(1), default=16, help="LoRA rank [>= 1]")
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    plan.add_argument("--quant", choices=["nf4", "fp4", "none"], default="nf4")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--dropout", type=float, default=0.0)
+    plan.add_argument("--backend", choices=["torch", "triton", "native"], default=None)
+    plan.add_argument("--path", choices=["fused", "dequant_gemm"], default=None)
+
     add_train(sub)
     add_bench(sub)
     add_env(sub)
@@ -77,6 +89,16 @@ def _run_other(args: argparse.Namespace) -> int:
         from fastlora.aot import main as aot_main
 
         return aot_main([])
+    if args.command == "plan":
+        import torch
+
+        from fastlora.ops import plan
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        for m in args.m:
+            print(plan(m, args.k, args.n, args.r, dtype=dtype, quant=None if args.quant == "none" else args.quant,
+                       device=args.device, dropout_p=args.dropout, backend=args.backend, path=args.path))  # fmt: skip
+        return 0
     if args.command == "env":
         from fastlora.env import run as run_env
 

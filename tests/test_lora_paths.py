@@ -194,3 +194,14 @@ def test_plan_uses_the_nearest_row_and_the_op_follows_it(monkeypatch):
         p = fastlora.plan(m, 128, 96, 4, dtype=torch.float32, quant="nf4", backend="triton", device="cpu")
         want = [n for n, pp in (("forward", p.forward), ("input_grad", p.input_grad)) if pp.path == "dequant_gemm"]
         assert calls == want, (m, calls, str(p))
+
+
+def test_plan_command(capsys):
+    from fastlora.cli import main
+
+    assert main(["plan", "--m", "1", "8192", "--n", "14336", "--dropout", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fastlora plan: M=") == 2 and "M=8192 K=4096 N=14336" in out
+    assert "fused" in out and "dequant_gemm" in out and "why:" in out
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        fastlora.plan(1, 64, 64, dropout_p=1.0)

@@ -210,6 +210,8 @@ def plan(
     """
     if quant not in (None, "nf4", "fp4"):
         raise ValueError(f"fastlora plan: quant must be 'nf4', 'fp4' or None, got {quant!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastlora plan: dropout_p must be in [0, 1), got {dropout_p!r}")
     device = torch.device(device)
     wanted = requested_path(path)
     cross = crossover(k, n, quant, dtype)
