@@ -134,3 +134,33 @@ def test_bad_init_names():
         fastlora.LoraConfig(init_lora_weights="pissa_niter_x")
     with pytest.raises(ValueError, match="needs loftq_config"):
         fastlora.LoraConfig(init_lora_weights="loftq")
+
+
+# -- error-compensated 4-bit merge ---------------------------------------------------------------------------------
+
+
+def test_requantized_merge_with_a_refit_residual(capsys):
+    linear = _minilm_layer_types()["query"]
+    layer = fastlora.FastLoRALinear.from_linear(linear, r=8, lora_alpha=16, quant="nf4", init="none")
+    x = torch.randn(32, 384)
+    exact = x @ layer.merged_weight().T + layer.bias  # the fp32 merged layer: what a merge should compute
+    before = layer(x)
+    report = layer.merge(requantize=True, refit_rank=8, refit_iters=2, sample=x)
+    assert layer.quant_state is not None and layer.merged
+    assert report["refit_rel_error"] < report["requant_rel_error"]
+    assert report["sample_rel_error_after"] < report["sample_rel_error_before"]
+    got = layer(x)
+    err = ((got - exact).norm() / (exact - layer.bias).norm()).item()
+    assert err == pytest.approx(report["sample_rel_error_after"], rel=1e-3)  # the forward uses Q + L R
+    layer.unmerge()
+    assert layer._residual is None
+    torch.testing.assert_close(layer(x), before)
+    plain = layer.merge(requantize=True, sample=x)  # no residual: the plain re-quantisation, as before
+    assert "refit_rel_error" not in plain
+    assert plain["requant_rel_error"] == pytest.approx(report["requant_rel_error"])
+    with capsys.disabled():
+        print(
+            f"\nrequantised merge, MiniLM query (384x384), r 8 adapter, residual rank 8, 2 iterations: weight error "
+            f"{report['requant_rel_error']:.5f} -> {report['refit_rel_error']:.5f}, output error on 32 samples "
+            f"{report['sample_rel_error_before']:.5f} -> {report['sample_rel_error_after']:.5f}"
+        )

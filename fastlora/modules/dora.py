@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastlora.modules.lora_adapter import LoraAdapter
-from fastlora.ops.dora import dora_weight_norm, weight_row_sqnorm
+from fastlora.ops.dora import dora_linear, dora_weight_norm, weight_row_sqnorm
 
 
 class DoraAdapter(LoraAdapter):
@@ -58,3 +58,11 @@ def init_magnitude(layer, adapter: DoraAdapter) -> None:
 def dora_factor(layer, adapter: DoraAdapter) -> torch.Tensor:
     """(N, 1) fp32 ``m / ‖W + s·B A‖``: the row scale a DoRA merge applies to ``W + s·B A``."""
     return (adapter.lora_magnitude_vector.float() / weight_norm(layer, adapter)).unsqueeze(1)
+
+
+def dora_forward(layer, adapter: DoraAdapter, x, weight, bias, dropout_p: float, seed: int) -> torch.Tensor:
+    """The layer's DoRA forward (:func:`fastlora.ops.dora.dora_linear`) in x's dtype."""
+    dtype = x.dtype
+    return dora_linear(x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype),
+                       adapter.lora_magnitude_vector, adapter.scaling, w_sqnorm(layer),
+                       quant_state=layer.quant_state, dropout_p=dropout_p, seed=seed)  # fmt: skip

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastlora.modules.dora import DoraAdapter, dora_factor, init_magnitude, is_dora, w_sqnorm
+from fastlora.modules.dora import DoraAdapter, dora_factor, dora_forward, init_magnitude, is_dora
 from fastlora.modules.lora_adapter import LoraAdapter
-from fastlora.ops.dora import dora_linear
+from fastlora.modules.requant import requantize_merged
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.quant import merge_4bit
-from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
+from fastlora.quant import QuantState, quantize_4bit
 
 _QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
@@ -63,6 +63,7 @@ class FastLoRALinear(nn.Module):
         self.disabled = False  # True: the base layer alone, exactly
         self.merged = False
         self._stash: tuple[torch.Tensor, QuantState | None] | None = None
+        self._residual: tuple[torch.Tensor, torch.Tensor] | None = None  # (R (k, K), L (N, k)) of a refit
         self._dora_merged: torch.Tensor | None = None  # (N, 1) m / ‖W + s·B A‖ of a DoRA merge, for unmerge
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init=init,
                          use_dora=use_dora)  # fmt: skip
@@ -221,16 +222,16 @@ class FastLoRALinear(nn.Module):
                 raise RuntimeError("FastLoRALinear: unmerge before disabling the adapter (the base is merged)")
             if self.quant_state is None:
                 return nn.functional.linear(x, weight, bias)
-            empty_a = x.new_zeros((0, self.in_features))
-            empty_b = x.new_zeros((self.out_features, 0))
-            return lora_linear(x, weight, bias, empty_a, empty_b, 0.0, quant_state=self.quant_state)
+            if self.merged and self._residual is not None:  # a refit re-quantised merge: + x Rᵀ Lᵀ
+                a, b = (t.to(dtype) for t in self._residual)
+                return lora_linear(x, weight, bias, a, b, 1.0, quant_state=self.quant_state)
+            a, b = x.new_zeros((0, self.in_features)), x.new_zeros((self.out_features, 0))
+            return lora_linear(x, weight, bias, a, b, 0.0, quant_state=self.quant_state)
         adapter = self.adapter
         p = adapter.lora_dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         if is_dora(adapter):
-            return dora_linear(x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype),
-                               adapter.lora_magnitude_vector, adapter.scaling, w_sqnorm(self),
-                               quant_state=self.quant_state, dropout_p=p, seed=seed)  # fmt: skip
+            return dora_forward(self, adapter, x, weight, bias, p, seed)
         return lora_linear(
             x, weight, bias, adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling,
             quant_state=self.quant_state, dropout_p=p, seed=seed,
@@ -272,16 +273,18 @@ class FastLoRALinear(nn.Module):
         return merged.mul_(dora_factor(self, a)) if is_dora(a) else merged
 
     @torch.no_grad()
-    def merge(self, *, requantize: bool = False, keep_original: bool = True) -> dict[str, float]:
+    def merge(self, *, requantize: bool = False, keep_original: bool = True, refit_rank: int = 0, refit_iters: int = 1,
+              sample: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
         """Fold ``s · B A`` into the base weight; the forward becomes the plain (4-bit) linear.
 
         A float base merges in its dtype. A 4-bit base merges into a dense weight of its original
         dtype, or with ``requantize=True`` is re-quantised to 4 bits with the same settings; the
         returned dict reports the error that re-quantisation adds. With ``keep_original`` (default)
-        the original base is kept so :meth:`unmerge` restores it bit for bit.
+        the original base is kept so :meth:`unmerge` restores it bit for bit. ``refit_rank``, ``refit_iters``,
+        ``sample``: see :func:`~fastlora.modules.requant.requantize_merged` (a rank-k residual kept beside Q).
 
         Returns:
-            {} for float merges; for requantize: {"requant_max_abs_error", "requant_rel_error"}.
+            {} for float merges; for requantize: the requantize_merged report.
         """
         if self.merged:
             raise RuntimeError("FastLoRALinear.merge: already merged")
@@ -293,13 +296,8 @@ class FastLoRALinear(nn.Module):
         else:
             state = self.quant_state
             if requantize:
-                packed, new_state = quantize_4bit(merged.to(state.dtype), state.quant_type, state.blocksize,
-                                                  state.nested is not None)  # fmt: skip
-                err = dequantize_4bit(packed, new_state, torch.float32) - merged
-                report = {
-                    "requant_max_abs_error": err.abs().max().item(),
-                    "requant_rel_error": (err.norm() / merged.norm()).item(),
-                }
+                packed, new_state, self._residual, report = requantize_merged(merged, state, refit_rank, refit_iters,
+                                                                              sample)  # fmt: skip
                 self.weight = nn.Parameter(packed, requires_grad=False)
                 self.quant_state = new_state
             else:
@@ -322,7 +320,7 @@ class FastLoRALinear(nn.Module):
             self.weight.data = (w - self.delta_weight()).to(self.weight.dtype)
         else:
             raise RuntimeError("FastLoRALinear.unmerge: a re-quantised merge without keep_original cannot be undone")
-        self._stash = self._dora_merged = self._dora_wsq = None
+        self._stash = self._dora_merged = self._dora_wsq = self._residual = None
         self.merged = False
 
     # -- state dict and device moves ----------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 
 from fastlora.modules.dora import init_magnitude
 from fastlora.modules.lora import FastLoRALinear
+from fastlora.modules.requant import quantize_with_residual
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
 BASE_INITS = ("pissa", "olora", "loftq")  # the init_lora_weights values (besides pissa_niter_K) that change W
@@ -66,13 +67,6 @@ def olora(weight: torch.Tensor, r: int, scale: float):
     return a, b, w - scale * (b @ a)
 
 
-def _rank_r(res: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L (N, r), R (r, K)) with L R the best rank-r fit of res: L = U_r √S_r, R = √S_r V_rᵀ (peft's split)."""
-    u, s, vh = torch.linalg.svd(res, full_matrices=False)
-    root = s[:r].sqrt()
-    return u[:, :r] * root[None, :], root[:, None] * vh[:r]
-
-
 @torch.no_grad()
 def loftq(
     weight: torch.Tensor,
@@ -84,7 +78,8 @@ def loftq(
     blocksize: int = 64,
     double_quant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantState, list[float]]:
-    """LoftQ: alternate 4-bit quantisation and a rank-r SVD fit of the residual, ``iters`` times.
+    """LoftQ: alternate 4-bit quantisation and a rank-r SVD fit of the residual, ``iters`` times
+    (:func:`fastlora.modules.requant.quantize_with_residual`), the fit split as s·B A.
 
     Args:
         weight: (N, K) float.  r: rank.  scale: the LoRA scaling s.  iters: peft's ``loftq_iter`` (>= 1).
@@ -96,15 +91,8 @@ def loftq(
     """
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"fastlora LoftQ: loftq_iter must be an int >= 1, got {iters!r}")
-    w = weight.float()
-    res, errors = w, []
-    for i in range(iters):
-        packed, state = quantize_4bit(res.to(weight.dtype), quant_type, blocksize, double_quant)
-        deq = dequantize_4bit(packed, state, torch.float32)
-        lo, ro = _rank_r(w - deq, r)
-        errors.append(((w - deq - lo @ ro).norm() / w.norm()).item())
-        if i + 1 < iters:
-            res = w - lo @ ro
+    packed, state, lo, ro, errors = quantize_with_residual(weight, r, iters, quant_type=quant_type,
+                                                           blocksize=blocksize, double_quant=double_quant)  # fmt: skip
     root = 1.0 / math.sqrt(scale)
     return (ro * root).contiguous(), (lo * root).contiguous(), packed, state, errors
 
