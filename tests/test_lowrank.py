@@ -59,8 +59,8 @@ def test_lowrank_kernels_match_float64_reference(shape, dtype, p):
 
 
 def test_strided_inputs_and_out_buffer():
-    """Row strides wider than the row, a non-unit column stride (made contiguous), and ``out`` a view into a
-    wider buffer whose other columns stay untouched."""
+    """Row strides wider than the row, column-major operands (read through their strides), and ``out`` a view
+    into a wider buffer whose other columns stay untouched."""
     m, k, n, r, p, seed = 9, 40, 23, 8, 0.1, 5
     xw = torch.randn(m, k + 7)[:, :k]
     a = torch.randn(k, r).T  # (r, K), column stride r
@@ -71,6 +71,10 @@ def test_strided_inputs_and_out_buffer():
     assert got.data_ptr() == buf[:, 2:].data_ptr()
     torch.testing.assert_close(got.double(), lowrank_ref.lora_up(u.double(), l.double(), 2.0, bias.double()), **TOL)
     assert not buf[:, :2].any() and not buf[:, 2 + n :].any()
+    g, bb = torch.randn(n, m).T, torch.randn(r, n).T  # column-major g and B
+    want = lowrank_ref.lora_grads(g.double(), bb.double(), u.double(), 0.5)
+    for one, ref in zip(lowrank.lora_grads(g, bb, u, 0.5), want, strict=True):
+        torch.testing.assert_close(one.double(), ref, **TOL)
 
 
 def test_dropout_acts_and_follows_the_seed():

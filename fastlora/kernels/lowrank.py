@@ -180,11 +180,11 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, L, BLOCK: tl.constexpr):
 # Configs. The products are memory-bound at LoRA ranks (about r FLOPs per byte): tiles for bandwidth
 # and occupancy; fp32 runs IEEE FMA dots (no TF32) on smaller tiles; the interpreter one small config.
 _C = triton.Config
-DOWN_CONFIGS = {"tc": [_C({"BM": 64, "BK": 64}, num_warps=4, num_stages=4), _C({"BM": 16, "BK": 128}, num_warps=4,
+DOWN_CONFIGS = {"tc": [_C({"BM": 64, "BK": 64}, num_warps=4, num_stages=4), _C({"BM": 16, "BK": 64}, num_warps=4,
                 num_stages=4)], "fp32": [_C({"BM": 32, "BK": 32}, num_warps=4, num_stages=2)],
                 "interp": _C({"BM": 16, "BK": 32})}  # fmt: skip
-UP_CONFIGS = {"tc": [_C({"BM": 64, "BN": 128}, num_warps=4, num_stages=2), _C({"BM": 16, "BN": 128}, num_warps=4,
-              num_stages=2)], "fp32": [_C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2)],
+UP_CONFIGS = {"tc": [_C({"BM": 64, "BN": 128}, num_warps=8, num_stages=2), _C({"BM": 16, "BN": 128}, num_warps=4,
+              num_stages=2)], "fp32": [_C({"BM": 32, "BN": 64}, num_warps=8, num_stages=2)],
               "interp": _C({"BM": 16, "BN": 32})}  # fmt: skip
 # lora_grads' row block is fixed (the dB partials are sized by it before the launch); BN is tuned.
 GRADS_BM = {"tc": 256, "fp32": 32, "interp": 16}
@@ -196,7 +196,7 @@ def _grads_bm(kind: str, br: int) -> int:
 
 
 GRADS_CONFIGS = {"tc": [_C({"BN": 64}, num_warps=8, num_stages=2), _C({"BN": 32}, num_warps=4, num_stages=3)],
-                 "fp32": [_C({"BN": 32}, num_warps=4, num_stages=2)], "interp": _C({"BN": 16})}  # fmt: skip
+                 "fp32": [_C({"BN": 32}, num_warps=8, num_stages=2)], "interp": _C({"BN": 16})}  # fmt: skip
 GRAD_A_CONFIGS = {"tc": [_C({"BM": 64, "BK": 128}, num_warps=4, num_stages=3), _C({"BM": 32, "BK": 64},
                   num_warps=4, num_stages=3)], "fp32": [_C({"BM": 32, "BK": 32}, num_warps=4, num_stages=2)],
                   "interp": _C({"BM": 16, "BK": 32})}  # fmt: skip
@@ -361,7 +361,7 @@ def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=()) -> None:
     _SPEC_NAMES.add(name)
     ones += ("stride_on",) if fn is _lora_up_kernel else ()
     register(KernelSpec(name=name, fn=fn, signature=sig,
-                        constexprs={**flags, "FP32_DOT": dtype == torch.float32, **cfg.kwargs},
+                        constexprs={**flags, **cfg.kwargs, **({"FP32_DOT": dtype == torch.float32} if flags else {})},
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=ones, div16=div16))  # fmt: skip
 
 
