@@ -36,24 +36,17 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sass_common beside this file (run as a script or by path)
+from sass_common import blocks_per_sm  # part of this module's interface
+from sass_common import cuobjdump as _cuobjdump
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cuda" / "quant4_cuda.cu"
 DTYPE_NAMES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
-
-
-def _cuobjdump() -> str:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if path.is_file():
-        return str(path)
-    found = shutil.which("cuobjdump")
-    if found is None:
-        raise FileNotFoundError("cuobjdump: neither triton's (backends/nvidia/bin) nor one on PATH")
-    return found
 
 
 def disassemble(nvcc: str, arch: str = "sm_90", source: Path = SOURCE) -> tuple[str, dict[str, int]]:
@@ -102,13 +95,6 @@ def _wavefronts(op: str) -> int:
         return 0
     width = re.search(r"\.(64|128)\b", m.group(2))
     return int(width.group(1)) // 32 if width else 1
-
-
-def blocks_per_sm(registers: int, threads: int) -> int:
-    """Blocks an SM holds when registers limit it (sm_80/sm_90: 65536 a SM, per warp in units of 256, at
-    most 2048 threads)."""
-    per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // (per_warp * (threads // 32)), 2048 // threads)
 
 
 def gemv_loops(sass_text: str, registers: dict[str, int] | None = None) -> list[dict]:
