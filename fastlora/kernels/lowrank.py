@@ -280,8 +280,8 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, p: float = 0.0, seed: int = 0) -
 def lora_up(u: torch.Tensor, l: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None, p: float = 0.0,
             seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """C = d'(scale·(u·L)) + bias: u (M, r), l = L (r, N), out (M, N) or None, any strides, one dtype;
-    bias (N,) or None -> C (M, N), ``out`` when given. The mask over C's positions; scale, 1/(1-p) and
-    bias act in fp32. Forward: ``lora_up(u, lora_b.T, s, bias)``; dx's ``lora_up(v, lora_a, 1, None, p, seed)``."""
+    bias (N,) or None -> C (M, N) (``out``). The mask over C's positions; scale, 1/(1-p), bias in fp32.
+    Forward: ``lora_up(u, lora_b.T, s, bias)``; dx's: ``lora_up(v, lora_a, 1, None, p, seed)``."""
     (m, r), n = u.shape, l.shape[-1]
     out = _alloc.empty((m, n), dtype=u.dtype, device=u.device) if out is None else out
     ok = l.shape[0] == r and out.shape == (m, n) and out.dtype == u.dtype and (bias is None or bias.shape == (n,))
@@ -345,7 +345,7 @@ def lora_grad_a(v: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: int = 0)
 _SPEC_NAMES: set[str] = set()
 
 
-def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=()) -> None:
+def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=(), tc=False) -> None:
     """Register ``fn`` as the JIT builds it at the 8B training shapes (M = 8192, K = N = 4096, r = 16,
     contiguous): unit strides in ``ones``; pointers and ints divisible by 16 in ``div16`` (all but the
     dropout key/threshold and the plane count P); ``fp32_ptrs`` hold partial planes at those shapes."""
@@ -362,7 +362,8 @@ def _spec(name, fn, dtype, cfg, flags, ones, fp32_ptrs=()) -> None:
     ones += ("stride_on",) if fn is _lora_up_kernel else ()
     register(KernelSpec(name=name, fn=fn, signature=sig,
                         constexprs={**flags, **cfg.kwargs, **({"FP32_DOT": dtype == torch.float32} if flags else {})},
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=ones, div16=div16))  # fmt: skip
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=ones, div16=div16,
+                        tensor_core=tc))  # fmt: skip
 
 
 def _register_aot_specs() -> None:
@@ -382,7 +383,7 @@ def _register_aot_specs() -> None:
                 ("lora_grad_a", _lora_grad_a_kernel, GRAD_A_CONFIGS, d, ("stride_vr", "stride_xk"), ("da_ptr",)),
             ):  # fmt: skip
                 for i, cfg in enumerate(table[kind]):
-                    _spec(f"{name}{i}", fn, dtype, cfg, flags, ones, parts)
+                    _spec(f"{name}{i}", fn, dtype, cfg, flags, ones, parts, tc=kind == "tc" and i == 0)
         _spec("lora_sum_partials", _sum_partials_kernel, dtype, _SUM_CONFIG, {}, (), ("part_ptr",))
 
 
