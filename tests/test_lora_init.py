@@ -164,3 +164,29 @@ def test_requantized_merge_with_a_refit_residual(capsys):
             f"{report['requant_rel_error']:.5f} -> {report['refit_rel_error']:.5f}, output error on 32 samples "
             f"{report['sample_rel_error_before']:.5f} -> {report['sample_rel_error_after']:.5f}"
         )
+
+
+# -- the finetune flags ----------------------------------------------------------------------------------------------
+
+
+def test_finetune_flags_reach_the_lora_config():
+    import argparse
+
+    from fastlora.train import methods
+    from fastlora.train.cli import add_parsers, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "--method", "qlora", "--dora", "--init", "loftq", "--loftq-iter", "2",
+                              "--lora-r", "4", "--target-modules", "q_proj,v_proj"])  # fmt: skip
+    cfg = config_from_args(args)
+    assert (cfg.dora, cfg.init, cfg.loftq_iter) == (True, "loftq", 2)
+    model = methods.build(tiny_llama(task="classifier"), "qlora", cfg.method_options(), "classification")
+    config = model.peft_config["default"]
+    assert config.use_dora and config.init_lora_weights == "loftq" and config.loftq_config["loftq_iter"] == 2
+    layer = dict(model.lora_layers())["model.layers.0.self_attn.q_proj"]
+    assert layer.use_dora and layer.quant_state is not None and layer.lora_B.abs().sum() > 0  # LoftQ's fit
+    plain = config_from_args(parser.parse_args(["finetune"]))
+    assert (plain.dora, plain.init, plain.loftq_iter) == (False, "kaiming", 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--init", "svd"])

@@ -7,10 +7,10 @@ import argparse
 import dataclasses
 import math
 
-from fastlora.train.config import NUMERIC_FIELDS, TrainConfig
-from fastlora.train.methods import METHODS
+from fastlora.train.config import NUMERIC_FIELDS, OPTIMIZERS, TrainConfig
+from fastlora.train.methods import INITS, METHODS
 
-_BOOL = {"gradient_checkpointing", "resume", "fsdp", "overwrite"}
+_BOOL = {"gradient_checkpointing", "resume", "fsdp", "overwrite", "dora", "offload_activations"}
 
 
 # Each TrainConfig field's help line. A "(default: ...)" in the text is kept; otherwise the field's built-in
@@ -41,6 +41,11 @@ TRAIN_HELP = {
     "lora_r": "LoRA rank (lora/qlora)",
     "lora_alpha": "LoRA scaling numerator: s = alpha / r (lora/qlora)",
     "lora_dropout": "dropout on the LoRA path (lora/qlora)",
+    "dora": "DoRA: a trained magnitude per output row beside the LoRA factors, peft's use_dora (lora/qlora) "
+    "(default: off)",
+    "init": "the LoRA start (lora/qlora): kaiming (A random, B zero), gaussian, or one that rewrites the base: pissa "
+    "(principal singular vectors), olora (QR), loftq (fitted to the 4-bit quantisation error)",
+    "loftq_iter": "LoftQ alternations of quantisation and rank-r fit (--init loftq)",
     "target_modules": "layers LoRA adapts: a comma-separated list of module names or suffixes (e.g. query,value or "
     "q_proj,v_proj), a regex over full module names, or all-linear (every linear layer but the output head)",
     "adapter_r": "bottleneck width of the adapters (adapter)",
@@ -50,6 +55,16 @@ TRAIN_HELP = {
     "ptuning_encoder": "the prompt encoder of p-tuning",
     "precision": "autocast dtype (auto: bf16 on a GPU that has it, else fp32)",
     "gradient_checkpointing": "recompute activations in the backward pass: less memory, more time (default: off)",
+    "offload_activations": "keep the activations saved for the backward pass in CPU memory (pinned on a GPU): "
+    "less GPU memory, more transfer time; with --gradient-checkpointing only the layers' inputs move (default: off)",
+    "optim": "optimiser: torch AdamW (adamw), or bitsandbytes' 8-bit state (adamw8bit: 2 bytes per parameter "
+    "instead of 8), paged (paged_adamw) or both (paged_adamw8bit), which need a CUDA GPU",
+    "chunked_ce": "causal LM: compute the loss chunk by chunk from the hidden states, never the [tokens, vocab] "
+    "logits (saves 8 bytes x vocab per token: the fp32 logits and their gradient)",
+    "ce_chunk_tokens": "tokens per chunk of --chunked-ce (default: 256 MiB of fp32 logits per chunk, e.g. 523 "
+    "tokens at a 128,256-token vocabulary)",
+    "packing": "causal LM: pack each micro-batch's examples into rows without padding, positions restarting and "
+    "attention confined per example; the loss is the unpacked batch's",
     "max_length": "tokens per example; longer ones are truncated (at most the model's window)",
     "eval_every": "evaluate every N optimiser steps (default: every epoch)",
     "patience": "early stopping: evaluations without a better validation loss before stopping (default: off)",
@@ -93,6 +108,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             "grad_accum",
             "max_steps",
             "lora_r",
+            "loftq_iter",
             "adapter_r",
             "num_virtual_tokens",
             "max_length",
@@ -102,6 +118,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             "keep_checkpoints",
             "log_every",
             "seed",
+            "ce_chunk_tokens",
         ):
             kind = int
         elif f.name in (
@@ -121,8 +138,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         choices = {"method": METHODS, "schedule": ("cosine", "linear", "constant"),
                    "task": ("classification", "causal"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "on_bad_line": ("error", "skip"),
-                   "ptuning_encoder": ("mlp", "lstm"),
-                   "adapter_placement": ("houlsby", "pfeiffer", "parallel")}.get(f.name)  # fmt: skip
+                   "ptuning_encoder": ("mlp", "lstm"), "init": INITS,
+                   "adapter_placement": ("houlsby", "pfeiffer", "parallel"), "optim": OPTIMIZERS,
+                   "chunked_ce": ("on", "off"), "packing": ("on", "off")}.get(f.name)  # fmt: skip
         text = with_default(help_[f.name], defaults[f.name], ranges.get(f.name))  # the range TrainConfig checks
         p.add_argument(flag, type=kind, default=None, choices=choices, help=text)
     p.add_argument("--config", help="YAML file of settings (field names as keys); flags override it (default: none)")

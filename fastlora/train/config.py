@@ -8,7 +8,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from fastlora.train.methods import DEFAULT_LR, METHODS, RECIPES
+from fastlora.train.methods import DEFAULT_LR, INITS, METHODS, RECIPES
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")  # torch's AdamW, then bitsandbytes' (CUDA)
 
 
 @dataclasses.dataclass
@@ -52,6 +54,9 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    dora: bool = False
+    init: str = "kaiming"
+    loftq_iter: int = 1
     target_modules: Any = "all-linear"
     adapter_r: int = 16
     adapter_placement: str = "houlsby"
@@ -59,6 +64,11 @@ class TrainConfig:
     ptuning_encoder: str = "mlp"
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (pinned on a GPU)
+    optim: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes, CUDA)
+    chunked_ce: str = "on"  # causal LM: the loss without [tokens, vocab] logits (train/chunked_ce.py)
+    ce_chunk_tokens: int | None = None  # tokens per chunk; None: 256 MiB of fp32 logits per chunk
+    packing: str = "on"  # causal LM: a micro-batch's examples packed into rows without padding (train/packing.py)
     max_length: int = 256
     eval_every: int | None = None
     patience: int | None = None
@@ -79,9 +89,13 @@ class TrainConfig:
             (self.schedule in ("cosine", "linear", "constant"), f"schedule {self.schedule!r} unknown"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {self.precision!r} unknown"),
             (self.task in (None, "classification", "causal"), f"task {self.task!r} unknown"),
+            (self.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}"),
+            (self.chunked_ce in ("on", "off"), f"chunked_ce must be on or off, got {self.chunked_ce!r}"),
+            (self.packing in ("on", "off"), f"packing must be on or off, got {self.packing!r}"),
             (self.on_bad_line in ("error", "skip"), f"on_bad_line must be error or skip, got {self.on_bad_line!r}"),
             (self.adapter_placement in ("houlsby", "pfeiffer", "parallel"),
              f"adapter_placement {self.adapter_placement!r} unknown (houlsby, pfeiffer or parallel)"),
+            (self.init in INITS, f"init {self.init!r} unknown ({', '.join(INITS)})"),
             (self.ptuning_encoder in ("mlp", "lstm"),
              f"ptuning_encoder {self.ptuning_encoder!r} unknown (mlp or lstm)"),
             (isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir must be a non-empty path"),
@@ -116,7 +130,7 @@ class TrainConfig:
 
     def method_options(self) -> dict[str, Any]:
         keys = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "adapter_r", "adapter_placement",
-                "num_virtual_tokens", "ptuning_encoder")  # fmt: skip
+                "num_virtual_tokens", "ptuning_encoder", "dora", "init", "loftq_iter")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -143,7 +157,8 @@ class TrainConfig:
 
     # which settings must match for --resume to continue a run
     RESUME_KEYS = ("model", "data", "method", "task", "batch_size", "grad_accum", "seed", "epochs", "max_steps",
-                   "lora_r", "adapter_r", "num_virtual_tokens", "max_length", "val_split", "val_data")  # fmt: skip
+                   "lora_r", "adapter_r", "num_virtual_tokens", "max_length", "val_split", "val_data", "dora", "init",
+                   "loftq_iter", "optim", "chunked_ce", "packing")  # fmt: skip
 
 
 def _flag(name: str) -> str:
@@ -195,6 +210,7 @@ NUMERIC_FIELDS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
     ("lora_r", int, lambda v: v >= 1, ">= 1"),
     ("lora_alpha", float, lambda v: v > 0, "> 0"),
     ("lora_dropout", float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loftq_iter", int, lambda v: v >= 1, ">= 1"),
     ("adapter_r", int, lambda v: v >= 1, ">= 1"),
     ("num_virtual_tokens", int, lambda v: v >= 1, ">= 1"),
     ("max_length", int, lambda v: v >= 8, ">= 8"),
@@ -204,9 +220,10 @@ NUMERIC_FIELDS: tuple[tuple[str, type, Callable[[Any], bool], str], ...] = (
     ("keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
     ("log_every", int, lambda v: v >= 1, ">= 1"),
     ("seed", int, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("ce_chunk_tokens", int, lambda v: v >= 1, ">= 1"),
 )
 _OPTIONAL = {"max_steps", "lr", "max_grad_norm", "layer_decay", "loraplus_ratio", "eval_every", "patience",
-             "save_every"}  # fmt: skip
+             "save_every", "ce_chunk_tokens"}  # fmt: skip
 _HINTS = {
     "max_grad_norm": " (pass none to train without clipping; 0 would zero every gradient, < 0 trains uphill)",
     "keep_checkpoints": " (the newest checkpoints kept; 1 keeps only the last)",

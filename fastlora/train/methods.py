@@ -47,8 +47,14 @@ def head_modules(model: nn.Module) -> list[str]:
 # -- how each method builds the model to train: (model, options, heads, task) -> module ------------------
 
 
+# --init: the LoRA start, as peft's init_lora_weights (pissa/olora/loftq rewrite the base, methods/lora/init.py)
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
+
+
 def _lora(quantize: str | None) -> Callable[..., nn.Module]:
     def build(model: nn.Module, options: dict[str, Any], heads: list[str], task: str) -> nn.Module:
+        init = options.get("init", "kaiming")
+        loftq = {"loftq_bits": 4, "loftq_iter": options.get("loftq_iter", 1)} if init == "loftq" else {}
         return lora.inject(
             model,
             r=options["lora_r"],
@@ -58,6 +64,9 @@ def _lora(quantize: str | None) -> Callable[..., nn.Module]:
             quantize=quantize,
             modules_to_save=heads or None,
             task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+            use_dora=bool(options.get("dora", False)),
+            init_lora_weights=True if init == "kaiming" else init,
+            loftq_config=loftq,
         )
 
     return build
