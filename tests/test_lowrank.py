@@ -127,3 +127,17 @@ def test_bad_shapes_raise():
         lowrank.lora_grads(torch.randn(3, 4), torch.randn(4, 2), torch.randn(3, 3), 1.0)
     with pytest.raises(TypeError):
         lowrank.lora_up(torch.randn(3, 2).double(), torch.randn(2, 4).double())
+
+
+def test_rank_beyond_one_r_tile():
+    """r = 100: two r tiles (64 + a masked 36), a grid dimension in lora_down/lora_grads/lora_grad_a and two
+    inner steps in lora_up; fp32 with dropout."""
+    m, k, n, r, p, seed = 9, 40, 23, 100, 0.1, 3
+    x, a, b, u, v, g = (torch.randn(*s) for s in ((m, k), (r, k), (n, r), (m, r), (m, r), (m, n)))
+    d = [t.double() for t in (x, a, b, u, v, g)]
+    pairs = [(lowrank.lora_down(x, a, p, seed), lowrank_ref.lora_down(d[0], d[1], p, seed)),
+             (lowrank.lora_up(u, b.T, 0.5, None, p, seed), lowrank_ref.lora_up(d[3], d[2].T, 0.5, None, p, seed)),
+             *zip(lowrank.lora_grads(g, b, u, 0.5), lowrank_ref.lora_grads(d[5], d[2], d[3], 0.5), strict=True),
+             (lowrank.lora_grad_a(v, x, p, seed), lowrank_ref.lora_grad_a(d[4], d[0], p, seed))]  # fmt: skip
+    for got, want in pairs:
+        torch.testing.assert_close(got.double(), want, **TOL)
