@@ -245,8 +245,10 @@ def _hmma_flop(op: str) -> int:
     return {"16816": 2 * 16 * 8 * 16, "1688": 2 * 16 * 8 * 8, "884": 2 * 8 * 8 * 4}[m.group(1)] if m else 0
 
 
-def _main_loop(ins: list[tuple[int, str]]) -> tuple[int, int] | None:
-    """The innermost loop doing the most tensor-core FLOP (the K loop, not the LoRA term's R loop)."""
+def _main_loop(ins: list[tuple[int, str]], weight=None) -> tuple[int, int] | None:
+    """The innermost loop doing the most tensor-core FLOP (the K loop, not the LoRA term's R loop), or the most
+    of ``weight(op)`` when given (e.g. FFMA for the fp32 kernels)."""
+    weight = weight or (lambda op: hgmma_info(op)[0] * 4 + _hmma_flop(op))
     branches = []
     for a, op in ins:
         target = re.search(r"BRA(?:\.\w+)* (0x[0-9a-f]+)", op)
@@ -256,7 +258,7 @@ def _main_loop(ins: list[tuple[int, str]]) -> tuple[int, int] | None:
     for lo, hi in branches:
         if any(lo <= t and b < hi and (t, b) != (lo, hi) for t, b in branches):
             continue  # holds another loop: not innermost
-        flop = sum(hgmma_info(op)[0] * 4 + _hmma_flop(op) for a, op in ins if lo <= a <= hi)
+        flop = sum(weight(op) for a, op in ins if lo <= a <= hi)
         if flop > best_flop:
             best, best_flop = (lo, hi), flop
     return best
@@ -278,7 +280,7 @@ def _used_same_iteration(loop: list[str], i: int) -> bool:
 def analyse_sass(body: str, *, num_warps: int, num_stages: int) -> dict:
     """Per-unit counts of one kernel's SASS body (one function of ``cuobjdump --dump-sass``).
 
-    Returns: "loop" ("hgmma" / "ffma" / "stream" / "program"), "length" (instructions a warp a unit),
+    Returns: "loop" ("mma" / "ffma" / "stream" / "program"), "length" (instructions a warp a unit),
     "counts" (class -> warp-instructions of one warp), "flop" (per CTA unit), "tensor_kind",
     "smem_bytes", "l2_bytes", "store_bytes" (per CTA unit), "hgmma" (per warpgroup a unit), "wgmma"
     (shapes), "wait_depth" (None without wgmma), "sync_loads" (a plain global load used in its iteration).
@@ -286,14 +288,11 @@ def analyse_sass(body: str, *, num_warps: int, num_stages: int) -> dict:
     ins = instructions(body)
     loop, kind = _main_loop(ins), "mma"
     if loop is None:
-        for name, pred in (("ffma", lambda op: opcode(op).startswith("FFMA")),
-                           ("stream", lambda op: opcode(op).startswith(("LDG", "LDGSTS")))):  # fmt: skip
-            loop = innermost_loop(ins, pred)
-            if loop is not None:
-                kind = name
-                break
-        else:
-            kind = "program"
+        loop, kind = _main_loop(ins, lambda op: opcode(op).startswith("FFMA")), "ffma"
+    if loop is None:
+        loop, kind = innermost_loop(ins, lambda op: opcode(op).startswith(("LDG", "LDGSTS"))), "stream"
+    if loop is None:
+        kind = "program"
     if loop is None:
         ops = [op for _, op in ins]
         while ops and opcode(ops[-1]) in ("BRA", "NOP"):  # the trailing self-branch and padding
