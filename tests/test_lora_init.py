@@ -190,3 +190,23 @@ def test_finetune_flags_reach_the_lora_config():
     assert (plain.dora, plain.init, plain.loftq_iter) == (False, "kaiming", 1)
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "--init", "svd"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_convert_to_plain_lora_on_the_original_base(tmp_path, init):
+    """peft's path_initial_model_for_weight_conversion: the trained PiSSA/OLoRA adapter saved as a rank-2r LoRA that
+    fastlora and peft load on the ORIGINAL base with the trained model's outputs."""
+    model = fastlora.inject(tiny_llama(), r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    model.save(str(tmp_path / "initial"))
+    with torch.no_grad():  # "training"
+        for _, layer in model.lora_layers():
+            layer.lora_A.add_(0.05 * torch.randn_like(layer.lora_A))
+            layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))
+    ids = torch.randint(0, 100, (2, 7))
+    want = model(input_ids=ids).logits
+    model.save(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = fastlora.load(tiny_llama(), str(tmp_path / "plain"))
+    assert ours.peft_config["default"].r == 8 and ours.peft_config["default"].init_lora_weights is True
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "plain"))
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

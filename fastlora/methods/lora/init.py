@@ -16,6 +16,7 @@ what the layer keeps frozen (the residual; for LoftQ the 4-bit weight). The laye
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -147,3 +148,37 @@ def init_layer(linear: nn.Linear, config, r: int, alpha: float, name: str) -> Fa
     if config.use_dora:
         init_magnitude(layer, slot)
     return layer
+
+
+@torch.no_grad()
+def convert_to_plain_lora(config, tensors, initial, initial_dir: str):
+    """peft's ``path_initial_model_for_weight_conversion``: a PiSSA/OLoRA adapter trained from (A₀, B₀) on the
+    residual base W − s·B₀A₀ is the plain LoRA ``s·(B A − B₀ A₀)`` of the original W, written at rank 2r:
+    A' = [A; A₀], B' = [B, −B₀], r and alpha doubled (alpha × √2 with rsLoRA), so the scale is unchanged.
+
+    Args:
+        config: the adapter's LoraConfig.  tensors: its peft-named tensors.
+        initial: the peft-named tensors of the adapter saved right after the start, read from ``initial_dir``.
+
+    Returns:
+        (config, tensors) of the plain LoRA adapter (``init_lora_weights=True``).
+    """
+    if config.use_dora:
+        raise ValueError("fastlora: a DoRA adapter cannot be converted to a plain LoRA (the magnitude does not add)")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("fastlora: the conversion does not support rank_pattern/alpha_pattern with use_rslora")
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
+            if key not in initial:
+                raise ValueError(f"fastlora: {initial_dir} has no {key!r}: not this adapter's initial state")
+            start = initial[key].to(value.device, value.dtype)
+            value = torch.cat([value, start], 0) if key.endswith("A.weight") else torch.cat([value, -start], 1)
+        out[key] = value.detach().contiguous()
+    grow = math.sqrt(2.0) if config.use_rslora else 2.0
+    converted = dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=grow * config.lora_alpha, init_lora_weights=True, loftq_config={},
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )  # fmt: skip
+    return converted, out

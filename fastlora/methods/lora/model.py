@@ -22,7 +22,7 @@ from torch import nn
 from fastlora.methods.fingerprint import base_fingerprint, check_integrity
 from fastlora.methods.lora.config import LoraConfig
 from fastlora.methods.lora.files import PREFIX, read_lora_dir, save_lora_files
-from fastlora.methods.lora.init import changes_base, init_layer
+from fastlora.methods.lora.init import changes_base, convert_to_plain_lora, init_layer
 from fastlora.methods.lora.targets import (
     base_weights,
     bnb_linear4bit,
@@ -241,16 +241,30 @@ class LoraModel(WrappedModel):
         return out
 
     def save(
-        self, directory: str, tensors: Mapping[str, torch.Tensor] | None = None, *, adapter_name: str | None = None
+        self,
+        directory: str,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        *,
+        adapter_name: str | None = None,
+        path_initial_model_for_weight_conversion: str | None = None,
     ) -> None:
         """Write adapter ``adapter_name`` (default: the active one) in peft's layout (safetensors +
         adapter_config.json), each file atomically; ``tensors`` replaces its :meth:`adapter_state_dict`.
-        The config records the weights' sha256 and a fingerprint of the adapted base weights as loaded."""
+        The config records the weights' sha256 and a fingerprint of the adapted base weights as loaded.
+
+        ``path_initial_model_for_weight_conversion`` (peft's name): the directory of this PiSSA/OLoRA adapter saved
+        right after its start; the adapter is written as a plain rank-2r LoRA of the original base instead
+        (:func:`~fastlora.methods.lora.init.convert_to_plain_lora`), with no base fingerprint (not this base)."""
         name = adapter_name or self.active_adapter
         config = dataclasses.replace(self._require(name), inference_mode=True)
         layers = [(path, layer) for path, layer in self.lora_layers() if name in layer.adapters]
-        save_lora_files(directory, config, self.adapter_state_dict(name) if tensors is None else tensors,
-                        base_fingerprint=base_fingerprint(base_weights(layers)))  # fmt: skip
+        tensors = self.adapter_state_dict(name) if tensors is None else tensors
+        fingerprint = base_fingerprint(base_weights(layers))
+        if path_initial_model_for_weight_conversion is not None:
+            initial_dir = path_initial_model_for_weight_conversion
+            config, tensors = convert_to_plain_lora(config, tensors, read_lora_dir(initial_dir)[1], initial_dir)
+            fingerprint = None
+        save_lora_files(directory, config, tensors, base_fingerprint=fingerprint)
 
     def save_adapter(self, directory: str, adapter_name: str | None = None) -> None:
         """Write only the adapter (peft layout, safetensors + adapter_config.json), each file atomically."""
