@@ -3,9 +3,12 @@
 No GPU needed. Every modelled kernel spec of the registry (``fastlora.kernels.specs``) is compiled for
 sm_90 exactly as the launcher's JIT builds it at the training shapes (``KernelSpec.runtime_signature``:
 int arguments equal to 1 become constants, pointers and multiples of 16 get the divisibility hint), with
-the installed triton and with the GPU machine's 3.6; triton's cuobjdump disassembles it, and the main
-loop is read: the innermost loop holding HGMMA (tensor-core GEMMs), else FFMA (fp32 GEMMs), else a
-global load (streaming kernels); a kernel with no loop is modelled per program (its whole body).
+the installed triton (the figures) and with the GPU machine's 3.6 (the chosen configs, side by side);
+triton's cuobjdump disassembles it, and the main loop is read: the innermost loop doing the most
+HGMMA/HMMA FLOP (tensor-core GEMMs: the K loop, not the LoRA term's R loop), else the most FFMA (fp32
+GEMMs), else one with a global load (streaming kernels); a kernel with no loop is modelled per program.
+Specs that declare no run-time hints (``ones`` empty, ``div16`` None) get the 8B training shapes' hints
+here (:func:`_lora_hints`), reported in the output.
 
 Per config and per *unit* (one main-loop iteration of one CTA, or one program) the model counts warp
 instructions by class and turns them into SM clocks per resource (assumptions, sm_90, per SM per clock):
@@ -22,15 +25,21 @@ instructions by class and turns them into SM clocks per resource (assumptions, s
 - L2: global load bytes (at least a 32-byte sector a warp-instruction) against 10 TB/s (A100's documented
   5120 B/clk scaled to 132 SMs at 1.83 GHz gives 11.5; 5.5, a microbenchmark figure, would cap a 128x256x64
   Triton GEMM at 47 %, far under what such kernels measure);
-- tensor: dense bf16/fp16 wgmma 4096 FLOP/clk/SM (989 TFLOP/s at 1.83 GHz on 132 SMs); fp32 kernels are
-  measured against the FFMA peak, 256 FLOP/clk/SM.
+- tensor: dense bf16/fp16 wgmma 4096 FLOP/clk/SM nominal (989 TFLOP/s at 1.83 GHz on 132 SMs), sustaining
+  ``TENSOR_EFF`` = 80 % of it (the one calibrated constant, see below); mma.sync (HMMA, the 16-row decode tiles)
+  2048; fp32 kernels are measured against the FFMA peak, 256 FLOP/clk/SM.
 
-Each ceiling is the tensor (or FFMA) clocks of a unit over that resource's clocks (capped at 1). When the
+Each ceiling is the nominal tensor (or FFMA) clocks of a unit over that resource's clocks (capped at 1). When the
 wgmma wait depth is 0 (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` in the loop) and one CTA fills an SM, a CTA's
 non-tensor work cannot run under its own MMA: the *overlap* bound adds the two. *Latency*: a loop
-whose global loads are used in the same iteration (plain LDG) exposes one memory latency (600 ns loaded)
-per iteration per CTA on the SM; loads staged by cp.async (LDGSTS) ``num_stages - 1`` deep expose
+whose global loads are used in the same iteration (plain LDG) exposes one memory latency per iteration
+per CTA on the SM (an L2 hit, 300 clocks, when other M tiles read the same W tile; 600 ns from DRAM when
+one M tile does, i.e. decode); loads staged by cp.async (LDGSTS) ``num_stages - 1`` deep expose
 latency / (stages - 1). The kernel's ceiling is the smallest.
+
+Calibration: with every other resource as counted, a plain Triton 128x256x64 GEMM would be bound only by
+shared memory at 95 % of peak; cuBLAS measures 70-80 % on H100, so wgmma is taken to sustain 80 % of its
+nominal rate (sustained clock under tensor load, wgmma issue gaps), which lands that GEMM at 77 %.
 
 Time of one kernel at (M, N, K): CTAs = ceil(M / BM) ceil(N / BN) spread over 132 SMs; the busiest SM runs
 ceil(CTAs / 132) of them, ceil(K / BK) units each, at the bounding resource's clocks (latency divided by
@@ -45,7 +54,9 @@ Clock: 1.83 GHz, the clock at which NVIDIA's 989 TFLOP/s dense bf16 figure holds
 the 1.98 GHz boost is not sustained under tensor load (power-capped). H200: same SMs and clock, 4.8 TB/s.
 
     python benchmarks/triton_sass.py --out benchmarks/results/static-sm90-2026-12-02 --write-crossover
-    python benchmarks/triton_sass.py --write-budgets   # refresh budgets.json from the chosen configs
+    python benchmarks/triton_sass.py --out DIR --write-budgets   # also refresh DIR/budgets.json (chosen configs)
+    python benchmarks/triton_sass.py --rev a1508a5 --out DIR      # the kernels of a git revision
+    python benchmarks/triton_sass.py --cache FILE ...             # reuse the compile results of an earlier run
 """
 
 from __future__ import annotations
