@@ -75,10 +75,11 @@ def test_layer_matches_peft_fp32(quant, bias):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def test_layer_bf16_error_within_twice_peft():
-    fast, ref = _pair()
+@pytest.mark.parametrize("quant", [None, "nf4"], ids=["dense", "nf4"])
+def test_layer_bf16_error_within_twice_peft(quant):
+    fast, ref = _pair(quant=quant)
     ref64 = copy.deepcopy(ref).double()
-    fast16, ref16 = fast.to(torch.bfloat16), ref.to(torch.bfloat16)
+    fast16, ref16 = fast.to(torch.bfloat16), ref.to(torch.bfloat16)  # NF4: the statistics stay, the compute is bf16
     x = torch.randn(9, 37)
     g = torch.randn(9, 23)
     outs, grads = [], []
@@ -162,6 +163,10 @@ def test_4bit_norm_allocates_no_weight_sized_tensor():
     big = [(op, n) for op, n in sizes.outputs if n >= 96 * 256 // 8]
     assert not big, big
     assert any("lora_linear" in op for op, _ in sizes.outputs)
+    from fastlora import dispatch, native
+
+    if native.unavailable_reason() is None:  # the norm's W Aᵀ (r = 4 rows) is the native GEMV: W read packed
+        assert dispatch.choose("lora_linear", x.device, None, m=4, quantized=True).backend == "native"
 
 
 def test_compile_fullgraph_matches_eager():
@@ -290,3 +295,20 @@ def test_functional_dora_linear_leading_dims():
     y = dora_linear(x, fast.weight, None, fast.lora_A, fast.lora_B, fast.lora_magnitude_vector, fast.scaling,
                     weight_row_sqnorm(fast.weight))  # fmt: skip
     torch.testing.assert_close(y, fast(x))
+
+
+def test_qlora_mixed_precision_fp32_adapter_bf16_compute():
+    """The QLoRA training setup: NF4 base, fp32 A/B/m (the optimiser's), bf16 activations under autocast."""
+    fast, _ = _pair(quant="nf4")
+    x = torch.randn(6, 37)
+    want = fast(x)
+    want.sum().backward()
+    grads = [p.grad.clone() for p in (fast.lora_A, fast.lora_B, fast.lora_magnitude_vector)]
+    fast.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert rel_error(y, want) < 2e-2
+    for p, g in zip((fast.lora_A, fast.lora_B, fast.lora_magnitude_vector), grads, strict=True):
+        assert p.grad.dtype == torch.float32 and rel_error(p.grad, g) < 3e-2
