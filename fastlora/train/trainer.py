@@ -29,12 +29,15 @@ import torch
 
 from fastlora.methods.files import atomic_write
 from fastlora.train import data as D
+from fastlora.train import methods as M
 from fastlora.train import rundir
 from fastlora.train.checkpoint import Checkpointer
 from fastlora.train.config import TrainConfig
 from fastlora.train.display import ProgressBar, eval_line, header
-from fastlora.train.loss import forward_logits, loss_count, loss_sum
+from fastlora.train.loss import chunked_causal_loss_sum, forward_logits, loss_count, loss_sum
+from fastlora.train.memory import SavedActivations, make_optimizer, memory_note
 from fastlora.train.metrics import MetricsLog
+from fastlora.train.packing import Packer
 from fastlora.train.prepare import build_model, micro_batches, read_data
 from fastlora.train.runtime import (  # noqa: F401  (re-exported: the trainer's public helpers)
     Dist,
@@ -127,7 +130,12 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
         self.metrics = MetricsLog(cfg.output_dir, main=self.dist.main)
         plan = Plan.make(cfg, len(self.train_examples), self.dist.world)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate)
+        self.optimizer = make_optimizer(param_groups(self.model, cfg), cfg.optim, cfg.learning_rate)
+        self.activations = SavedActivations(self.model, offload=cfg.offload_activations,
+                                            count=self.device.type == "cpu")  # fmt: skip
+        # causal data: each micro-batch packed into rows (not under a prompt method, whose virtual tokens lead a row)
+        packs = cfg.packing == "on" and self.task == "causal" and not M.recipe(cfg.method).virtual_tokens
+        self.packer = Packer(packs, self.pad_id)
         schedule = lr_lambda(plan.total, plan.warmup, cfg.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         return plan
@@ -165,6 +173,18 @@ class Trainer:
         return forward_logits(self.train_model, batch, self.device, autocast_dtype(self.cfg.precision, self.device),
                               self.task)  # fmt: skip
 
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(loss sum, terms, logits or None): a causal LM's by the chunked cross-entropy (no logits) unless
+        --chunked-ce off, under FSDP, or with a head that is not plain; else from :meth:`_forward`'s logits."""
+        if self.task == "causal" and self.cfg.chunked_ce == "on" and not self.cfg.fsdp:
+            dtype = autocast_dtype(self.cfg.precision, self.device)
+            out = chunked_causal_loss_sum(self.model, self.train_model, batch, self.device, dtype,
+                                          self.cfg.ce_chunk_tokens)  # fmt: skip
+            if out is not None:
+                return (*out, None)
+        logits = self._forward(batch)
+        return (*loss_sum(logits, batch["labels"], self.task), logits)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (mean per example / per response token) and, for classifiers, accuracy."""
@@ -174,8 +194,7 @@ class Trainer:
         shard = self.val_examples[self.dist.rank :: self.dist.world]
         for start in range(0, len(shard), self.cfg.batch_size):
             batch = D.collate(shard[start : start + self.cfg.batch_size], self.pad_id, self.task)
-            logits = self._forward(batch)
-            s, n = loss_sum(logits, batch["labels"], self.task)
+            s, n, logits = self._loss(batch)
             loss, count = loss + s.item(), count + n
             if self.task == "classification":
                 correct += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
@@ -190,7 +209,8 @@ class Trainer:
 
     def _train(self, plan: Plan, state: RunState, progress: ProgressBar) -> None:
         """Optimiser steps until the plan's last, Ctrl-C or an early stop (``state.stopped`` says which)."""
-        micro = micro_batches(self.train_examples, plan, state.step, self.cfg, self.dist, self.pad_id, self.task)
+        micro = self.packer(micro_batches(self.train_examples, plan, state.step, self.cfg, self.dist, self.pad_id,
+                                          self.task))  # fmt: skip
         self.model.train()
         while state.step < plan.total:
             if self._stop_requested():
@@ -228,7 +248,8 @@ class Trainer:
             sync = i == len(group) - 1 or self.dist.world == 1 or self.cfg.fsdp  # DDP: reduce on the last only
             ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with ctx:
-                s, _ = loss_sum(self._forward(batch), batch["labels"], self.task)
+                with self.activations.forward():  # counted on a CPU; kept in CPU memory under --offload-activations
+                    s, _, _ = self._loss(batch)
                 (s * self.dist.world / count).backward()  # DDP averages over ranks
             summed += s.item()
             tokens += int(batch["attention_mask"].sum())
@@ -300,6 +321,11 @@ class Trainer:
         summary = state.summary(after, method=self.cfg.method, task=self.task, trainable=self.trainable,
                                 total=self.total, device=self.device, output_dir=self.cfg.output_dir,
                                 wall_s=time.perf_counter() - start)  # fmt: skip
+        note = memory_note(self.device, summary.memory_kind, self.optimizer, self.activations,
+                           self.cfg.offload_activations)  # fmt: skip
+        summary = dataclasses.replace(summary, memory_kind=note)
+        if self.packer.line():
+            self._log(self.packer.line())
         if self.dist.main:
             atomic_write(os.path.join(self.cfg.output_dir, "summary.json"),
                          json.dumps(summary.to_dict(), indent=2).encode())  # fmt: skip
