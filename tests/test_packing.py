@@ -29,13 +29,12 @@ def _examples(lengths, seed=0, vocab=128):
 
 
 def test_rows_fit_first_longest_first():
-    assert pack_rows([5, 3, 2, 5, 1], 5) == [[0], [3], [1, 2], [4]]
+    assert pack_rows([5, 3, 2, 5, 1], 5) == [[0], [3], [1], [2, 4]]  # 4 rows of 5 needed; the least filled first
     assert pack_rows([2, 2, 2], 6) == [[0, 1, 2]]
     batch = collate(_examples([7, 3, 4, 2, 1]), 0, "causal")
     packed = pack_batch(batch, 0)
-    assert packed["input_ids"].shape == (3, 7)  # [7], [3 + 4], [2 + 1] + 4 positions of padding
-    assert packed["position_ids"].tolist()[1] == [0, 1, 2, 3, 0, 1, 2]
-    assert packed["position_ids"].tolist()[2] == [0, 1, 0, 0, 1, 2, 3]
+    assert packed["input_ids"].shape == (3, 7)  # [7], [4 + 1], [3 + 2], each short row ending in 2 of padding
+    assert packed["position_ids"].tolist()[1:] == [[0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 0, 1, 0, 1]]
     assert int(packed["attention_mask"].sum()) == int(batch["attention_mask"].sum()) == 17
     assert loss_count(packed["labels"], "causal") == loss_count(batch["labels"], "causal")
     starts = packed["position_ids"] == 0
@@ -72,6 +71,10 @@ def test_packer_counts_the_padding():
     assert [b["input_ids"].shape for b in out] == [(3, 13), (2, 3)]  # rows hold the longest example at most
     assert (packer.tokens, packer.padded, packer.trained) == (37, 58, 45)
     assert packer.line() == "fastlora: padding 36.2% of the padded batches' positions, 17.8% packed"
+    wide = Packer(True, 0, capacity=20)
+    out = list(wide(iter(batches)))
+    assert [b["input_ids"].shape for b in out] == [(2, 17), (1, 6)]  # [13 + 4], [9 + 5]; [3 + 3]
+    assert wide.line() == "fastlora: padding 36.2% of the padded batches' positions, 7.5% packed"
     off = Packer(False, 0)
     list(off(iter(batches)))
     assert off.line().endswith("(not packed)")

@@ -8,12 +8,18 @@ block-diagonal causal mask, flash-attention its varlen path (``cu_seqlens`` from
 Mistral and the models on the same masking code work so; encoders and classification (pooled per row) are
 not packed.
 
-Rows hold at most as many tokens as the micro-batch's longest example (first fit, longest first), so a packed
-batch never has more rows, nor longer ones, than the padded batch: on an eager or sdpa backend, whose cost is
-rows × length², packing never costs more. The few positions left at a row's end are padding: a segment of
-their own (positions 0, 1, ...) without targets. Each example's first label is ``IGNORE``, so the last token
-of one example never learns the first of the next; the unpacked loss never has a target there either (the
-shift drops it), so the sum and the count of target tokens are those of the unpacked batch.
+Rows hold up to ``capacity`` tokens, the run's ``max_length`` (or the longest example, if longer): as many rows
+as that needs, filled evenly, longest example first. The linear layers, most of a step's work, then see the
+real tokens only (the embedded sentence set at batch 16: 22.1% of the padded positions are padding, 0.0%
+packed; at batch 32: 26.8%, 0.2%). Attention on flash-attention's varlen path computes within each example
+only; eager and sdpa compute the whole block-diagonal (rows × capacity²), so there a packed row of many short
+examples costs more attention than the padded batch: ``capacity=None`` keeps rows to the longest example,
+which never costs more. The few positions
+left at a row's end are padding: a segment of their own (positions 0, 1, ...) without targets.
+
+Each example's first label is ``IGNORE``, so the last token of one example never learns the first of the next;
+the unpacked loss never has a target there either (the shift drops it), so the sum and the count of target
+tokens are those of the unpacked batch.
 """
 
 from __future__ import annotations
@@ -26,31 +32,33 @@ from fastlora.train.data import IGNORE
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Example indices per row: first fit over ``lengths`` taken longest first (ties in index order), rows of at
-    most ``capacity`` tokens (every length <= ``capacity``). Deterministic."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Example indices per row: as many rows as ``capacity`` tokens per row need (``ceil(sum / capacity)``), each
+    example, longest first, to the least filled row it fits in (a new row when none), so rows come out even.
+    Every length must be <= ``capacity``. Deterministic (ties: the lower index)."""
+    rows: list[list[int]] = [[] for _ in range(-(-sum(lengths) // capacity))]
+    load = [0] * len(rows)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, left in enumerate(room):
-            if left >= lengths[i]:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
+        fits = [r for r in range(len(rows)) if load[r] + lengths[i] <= capacity]
+        if not fits:
+            rows.append([])
+            load.append(0)
+            fits = [len(rows) - 1]
+        r = min(fits, key=lambda r: (load[r], r))
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [row for row in rows if row]
 
 
-def pack_batch(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_batch(batch: dict[str, torch.Tensor], pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
     """The packed form of a right-padded causal ``batch`` (``input_ids``, ``attention_mask``, ``labels`` (B, L)
     int64, as :func:`fastlora.train.data.collate` makes it): ``input_ids``, ``position_ids``, ``labels`` and
     ``attention_mask`` (1 on real tokens; for counting only, the model is not given it) (R, T) int64 with
-    R <= B, T = the longest example."""
+    R <= B, rows of at most ``capacity`` tokens (None or less than the longest example: the longest example),
+    T the fullest row."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     lengths = mask.sum(1).tolist()
-    width = max(lengths)
-    rows = pack_rows(lengths, width)
+    rows = pack_rows(lengths, max(max(lengths), capacity or 0))
+    width = max(sum(lengths[i] for i in row) for row in rows)
     out_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     out_labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     out_pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -70,11 +78,12 @@ def pack_batch(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.T
 
 
 class Packer:
-    """The micro-batches of a run, packed when ``on``, with the count of their padding: ``tokens`` (real),
-    ``padded`` (positions of the padded batches), ``trained`` (positions of the batches as trained)."""
+    """The micro-batches of a run, packed when ``on`` into rows of ``capacity`` tokens, with the count of their
+    padding: ``tokens`` (real), ``padded`` (positions of the padded batches), ``trained`` (positions of the
+    batches as trained)."""
 
-    def __init__(self, on: bool, pad_id: int) -> None:
-        self.on, self.pad_id = on, pad_id
+    def __init__(self, on: bool, pad_id: int, capacity: int | None = None) -> None:
+        self.on, self.pad_id, self.capacity = on, pad_id, capacity
         self.tokens = self.padded = self.trained = 0
 
     def __call__(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -82,7 +91,7 @@ class Packer:
             self.tokens += int(batch["attention_mask"].sum())
             self.padded += batch["input_ids"].numel()
             if self.on:
-                batch = pack_batch(batch, self.pad_id)
+                batch = pack_batch(batch, self.pad_id, self.capacity)
             self.trained += batch["input_ids"].numel()
             yield batch
 

@@ -135,7 +135,7 @@ class Trainer:
                                             count=self.device.type == "cpu")  # fmt: skip
         # causal data: each micro-batch packed into rows (not under a prompt method, whose virtual tokens lead a row)
         packs = cfg.packing == "on" and self.task == "causal" and not M.recipe(cfg.method).virtual_tokens
-        self.packer = Packer(packs, self.pad_id)
+        self.packer = Packer(packs, self.pad_id, self.max_length)
         schedule = lr_lambda(plan.total, plan.warmup, cfg.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         return plan
