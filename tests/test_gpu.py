@@ -33,12 +33,15 @@ def test_quant_kernels_bit_exact_on_gpu(quant_type, blocksize, dtype):
         assert torch.equal(dequantize_4bit(packed, state).cpu(), expected)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=id_formatter("p"))
+@pytest.mark.parametrize("path", [None, "fused", "dequant_gemm"], ids=id_formatter("path"))
 @pytest.mark.parametrize("weight_kind", ["dense", "nf4", "nf4-dq", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
 @pytest.mark.parametrize(
     "shape", [(1, 1024, 768, 16), (16, 4096, 1000, 8), (1000, 1024, 1536, 64), (257, 53, 37, 1)], ids=str
 )
-def test_fused_lora_on_gpu(shape, dtype, weight_kind, monkeypatch):
+def test_fused_lora_on_gpu(shape, dtype, weight_kind, path, p, monkeypatch):
+    """Every path (None: the size dispatch's choice), with and without dropout."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 references without TF32
     m, k, n, r = shape
     w = torch.randn(n, k, device="cuda") / k**0.5
@@ -49,15 +52,15 @@ def test_fused_lora_on_gpu(shape, dtype, weight_kind, monkeypatch):
         w_ref = dequantize_4bit(stored, state, torch.float32).double()
     leaves = [torch.randn(m, k), torch.randn(n) * 0.1, torch.randn(r, k) / k**0.5, torch.randn(n, r) / r**0.5]
     leaves = [t.cuda() for t in leaves]
-    got = [t.to(dtype).requires_grad_() for t in leaves]
-    y = lora_linear(got[0], stored, got[1], got[2], got[3], 2.0, quant_state=state)
+    got = [t.to(dtype).clone().requires_grad_() for t in leaves]
+    y = lora_linear(got[0], stored, got[1], got[2], got[3], 2.0, quant_state=state, dropout_p=p, seed=77, path=path)
     g = torch.randn_like(y)
     y.backward(g)
     ref = [t.to(dtype).double().requires_grad_() for t in leaves]
-    y_ref = lora_linear_ref(ref[0], w_ref, ref[1], ref[2], ref[3], 2.0)
+    y_ref = lora_linear_ref(ref[0], w_ref, ref[1], ref[2], ref[3], 2.0, p, 77)
     y_ref.backward(g.double())
-    own = [t.to(dtype).requires_grad_() for t in leaves]
-    y_own = lora_linear_ref(own[0], w_ref.to(dtype), own[1], own[2], own[3], 2.0)
+    own = [t.to(dtype).clone().requires_grad_() for t in leaves]
+    y_own = lora_linear_ref(own[0], w_ref.to(dtype), own[1], own[2], own[3], 2.0, p, 77)
     y_own.backward(g)
 
     def rel(a, b):
