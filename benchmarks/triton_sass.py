@@ -789,6 +789,22 @@ def crossover(model: Model, quant: str, dt: str, k: int, n: int) -> tuple[int, i
     return tuple(result)
 
 
+GEMM_MS = (1024, 4096, 8192)  # the training sizes at which dequant_gemm's two GEMM variants are compared
+
+
+def gemm_variant(model: Model, quant: str, dt: str, k: int, n: int) -> tuple[str, str]:
+    """(forward, dx): the dequant_gemm variant the model finds faster over GEMM_MS: "cublas_c" (cuBLAS with the
+    low-rank term as its C operand: one [M, N] write outside the GEMM) or "kext" (the K-extended Triton kernel over
+    the dense scratch: none, at the Triton GEMM's efficiency)."""
+    q = "nf4" if quant == "fp4" else quant
+    out = []
+    for op in ("fwd", "dx"):
+        cublas = sum(op_us(model, "dequant_gemm", op, m, k, n, q, dt) for m in GEMM_MS)
+        kext = sum(op_us(model, "dequant_gemm_kext", op, m, k, n, q, dt) for m in GEMM_MS)
+        out.append("kext" if kext < cublas else "cublas_c")
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------- reports
 
 CEILING_KEYS = ("issue", "fma", "alu", "xu", "smem", "l2", "overlap", "latency", "bound")
@@ -925,7 +941,8 @@ def crossover_rows(model: Model) -> list[tuple]:
     for quant in ("nf4", "fp4", "dense"):
         for dt in ("bf16", "fp16", "fp32"):
             for k, n in CROSSOVER_SHAPES:
-                rows.append((90, quant, dt, k, n, *crossover(model, quant, dt, k, n)))
+                rows.append((90, quant, dt, k, n, *crossover(model, quant, dt, k, n),
+                             *gemm_variant(model, quant, dt, k, n)))  # fmt: skip
     return rows
 
 
@@ -936,10 +953,11 @@ def write_crossover(rows: list[tuple], date: str, path: Path = CROSSOVER_FILE) -
         f'from the static sm_90 model (benchmarks/results/static-sm90-{date}/); do not edit by hand."""',
         "",
         f'SOURCE = "static sm_90 model, {date}, H100 SXM: 132 SMs, 1.83 GHz, 989 TFLOP/s bf16, 3.35 TB/s"',
-        'COLUMNS = ("arch", "quant", "dtype", "k", "n", "fwd_max_m", "dx_max_m")',
-        "# fused path while M <= fwd_max_m (forward) / dx_max_m (input gradient); the dequant_gemm path above.",
+        'COLUMNS = ("arch", "quant", "dtype", "k", "n", "fwd_max_m", "dx_max_m", "fwd_gemm", "dx_gemm")',
+        "# fused path while M <= fwd_max_m (forward) / dx_max_m (input gradient); the dequant_gemm path above, its",
+        '# GEMM "cublas_c" (cuBLAS, the low-rank term as its C operand) or "kext" (the K-extended Triton kernel).',
         "ROWS = (",
-        *[f'    ({r[0]}, "{r[1]}", "{r[2]}", {r[3]}, {r[4]}, {r[5]}, {r[6]}),' for r in rows],
+        *[f'    ({r[0]}, "{r[1]}", "{r[2]}", {r[3]}, {r[4]}, {r[5]}, {r[6]}, "{r[7]}", "{r[8]}"),' for r in rows],
         ")",
         "",
     ]

@@ -96,13 +96,14 @@ def test_parser_and_arithmetic_on_a_snippet(model):
 def test_crossover_table_generated_in_format():
     from fastlora.ops import crossover_table as t
 
-    assert t.COLUMNS == ("arch", "quant", "dtype", "k", "n", "fwd_max_m", "dx_max_m")
+    assert t.COLUMNS == ("arch", "quant", "dtype", "k", "n", "fwd_max_m", "dx_max_m", "fwd_gemm", "dx_gemm")
     keys = {row[:5] for row in t.ROWS}
     for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)):
         for quant in ("nf4", "fp4", "dense"):
             for dtype in ("bf16", "fp16", "fp32"):
                 assert (90, quant, dtype, k, n) in keys
-    assert all(len(row) == 7 and row[5] >= 0 and row[6] >= 0 for row in t.ROWS)
+    assert all(len(row) == 9 and row[5] >= 0 and row[6] >= 0 for row in t.ROWS)
+    assert all(row[7] in ("cublas_c", "kext") and row[8] in ("cublas_c", "kext") for row in t.ROWS)
 
 
 @pytest.mark.aot

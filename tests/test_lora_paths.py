@@ -205,3 +205,25 @@ def test_plan_command(capsys):
     assert "fused" in out and "dequant_gemm" in out and "why:" in out
     with pytest.raises(ValueError, match="dropout_p must be in"):
         fastlora.plan(1, 64, 64, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("weight_kind", ["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=id_formatter("p"))
+def test_dequant_gemm_kext_variant(weight_kind, p, monkeypatch):
+    """Where the table names "kext", dequant_gemm runs the K-extended Triton GEMM over the dense scratch (no [M, N]
+    pass outside it), forward and dx, dropout included; the plan says so."""
+    columns = ("arch", "quant", "dtype", "k", "n", "fwd_max_m", "dx_max_m", "fwd_gemm", "dx_gemm")
+    monkeypatch.setattr(crossover_table, "COLUMNS", columns)
+    rows = tuple((90, q, "fp32", 128, 40, 0, 0, "kext", "kext") for q in ("nf4", "dense"))
+    monkeypatch.setattr(crossover_table, "ROWS", rows)
+    calls = []
+    for name in ("lora_fwd_triton", "lora_bwd_dx_triton"):
+        real = getattr(lora_paths.lora_kernels, name)
+        monkeypatch.setattr(lora_paths.lora_kernels, name,
+                            lambda *a, _r=real, _n=name, **kw: calls.append((_n, a[2])) or _r(*a, **kw))  # fmt: skip
+    _compare(17, 128, 40, 8, weight_kind, torch.float32, p, backend="triton", path=None)
+    assert [n for n, _ in calls] == ["lora_fwd_triton", "lora_bwd_dx_triton"]
+    assert all(state is None for _, state in calls), "the K-extended GEMM reads the dense scratch"
+    plan = fastlora.plan(17, 128, 40, 8, dtype=torch.float32, quant=weight_kind if weight_kind != "dense" else None,
+                         device="cuda")  # fmt: skip
+    assert plan.forward.path == "dequant_gemm" and "K-extended" in plan.forward.how and "kext" in plan.forward.reason

@@ -7,6 +7,10 @@ and one GEMM on dense operands carries the low-rank term as its C operand:
     forward   C = s·u·Bᵀ + b        (skinny GEMM, K = r)      y  = C + x·W_dqᵀ   (cuBLAS, C read in the epilogue)
     input     C = d'(v·A)           (skinny GEMM, mask in-kernel) dx = C + g·W_dq
 
+or, where the crossover table's model finds it faster at training M ("kext"), the K-extended Triton
+kernel of the fused path run over the dense scratch, ``[x | u]·[W_dqᵀ ; Bᵀ]``: no [M, N] pass outside
+the GEMM at all, at the Triton GEMM's efficiency instead of cuBLAS's.
+
 Bytes moved per forward, e = bytes per element (2 for bf16), W 4-bit = N·K/2 bytes + absmax:
 
     fastlora dequant_gemm  dequant: read N·K/2, write N·K·e (the scratch, in L2 for the GEMM that follows at
@@ -29,8 +33,10 @@ import torch
 
 from fastlora import dispatch
 from fastlora.functional import apply_dropout
+from fastlora.kernels import lora as lora_kernels
 from fastlora.kernels import lowrank, lowrank_ref
 from fastlora.ops import scratch
+from fastlora.ops.planner import crossover
 
 OP_DOWN = "lora_down"  # u = d(x)·Aᵀ
 OP_UP = "lora_up"  # C = d'(s·(u·L)) + bias
@@ -69,12 +75,23 @@ def lora_grads(grad, x, lora_a, lora_b, u, scale, dropout_p, seed, backend):
     return choice.fn(grad, x, lora_a, lora_b, u, scale, dropout_p, seed)
 
 
+def _gemm(fwd: bool, w_rows: int, w_cols: int, state, dtype: torch.dtype, backend: str) -> str:
+    """The GEMM of this pass: "kext" (the K-extended Triton kernel over the dense scratch) where the crossover
+    table says it beats cuBLAS with C at training sizes and Triton runs; else "cublas_c"."""
+    if backend != "triton":
+        return "cublas_c"
+    cross = crossover(w_cols, w_rows, None if state is None else state.quant_type, dtype)
+    return cross.fwd_gemm if fwd else cross.dx_gemm
+
+
 def forward(x, weight, state, bias, u, lora_b, scale, backend: str) -> torch.Tensor:
-    """y = x·W_dqᵀ + (s·u·Bᵀ + b): the low-rank term and bias as the GEMM's C operand.
+    """y = x·W_dqᵀ + (s·u·Bᵀ + b): the low-rank term and bias as the GEMM's C operand (or K-extended steps).
 
     x (M, K); weight (N, K) dense or 4-bit with ``state``; u (M, r) = d(x)·Aᵀ; lora_b (N, r). Returns (M, N).
     """
     w = scratch.dequantized_weight(weight, state, x.dtype, backend=backend)
+    if _gemm(True, w.shape[0], w.shape[1], state, x.dtype, backend) == "kext":
+        return lora_kernels.lora_fwd_triton(x, w, None, bias, u, lora_b, scale)
     up = dispatch.choose(OP_UP, x.device, backend).fn
     c = up(u, lora_b.T, scale, bias, 0.0, 0)  # [M, N]: the one write outside the GEMM
     return c.addmm_(x, w.T)
@@ -83,6 +100,8 @@ def forward(x, weight, state, bias, u, lora_b, scale, backend: str) -> torch.Ten
 def input_grad(grad, weight, state, v, lora_a, dropout_p: float, seed: int, backend: str) -> torch.Tensor:
     """dx = g·W_dq + d'(v·A) (v None: g·W_dq alone). grad (M, N); v (M, r); lora_a (r, K). Returns (M, K)."""
     w = scratch.dequantized_weight(weight, state, grad.dtype, backend=backend)
+    if _gemm(False, w.shape[0], w.shape[1], state, grad.dtype, backend) == "kext":
+        return lora_kernels.lora_bwd_dx_triton(grad, w, None, v, lora_a, dropout_p=dropout_p, seed=seed)
     if v is None:
         return grad @ w
     up = dispatch.choose(OP_UP, grad.device, backend).fn

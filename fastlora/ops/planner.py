@@ -55,6 +55,8 @@ class Crossover:
     fwd_max_m: int
     dx_max_m: int
     row: tuple | None  # the row of crossover_table.ROWS, None when no row has this quant and dtype
+    fwd_gemm: str = "cublas_c"  # dequant_gemm's GEMM: "cublas_c" (cuBLAS, C = the low-rank term) or "kext"
+    dx_gemm: str = "cublas_c"  # (the K-extended Triton kernel over the dense scratch)
 
     def describe(self) -> str:
         if self.row is None:
@@ -80,7 +82,8 @@ def crossover(k: int, n: int, quant: str | None, dtype: torch.dtype) -> Crossove
         return abs(math.log(max(k, 1) / r[col["k"]])) + abs(math.log(max(n, 1) / r[col["n"]]))
 
     best = min(rows, key=distance)
-    return Crossover(best[col["fwd_max_m"]], best[col["dx_max_m"]], best)
+    gemm = [best[col[c]] if c in col else "cublas_c" for c in ("fwd_gemm", "dx_gemm")]
+    return Crossover(best[col["fwd_max_m"]], best[col["dx_max_m"]], best, *gemm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,7 @@ class LoRAPlan:
         return "\n".join(lines)
 
 
-def _how(name: str, backend: str, path: str, quant: str | None, dropout: bool) -> str:
+def _how(name: str, backend: str, path: str, quant: str | None, dropout: bool, gemm: str = "cublas_c") -> str:
     w = "the 4-bit W" if quant else "W"
     if name == "lora_grads":
         if backend == "triton":
@@ -151,9 +154,12 @@ def _how(name: str, backend: str, path: str, quant: str | None, dropout: bool) -
         deq = ", W dequantised tile by tile in registers" if quant else ""
         return f"Triton fused GEMM {what}{deq}{drop} (one launch)"
     deq = f"{w} dequantised into the shared scratch (one pass at memory speed), then " if quant else ""
+    if gemm == "kext":
+        what = "[x | u]·[W_dqᵀ ; Bᵀ]" if name == "forward" else "[g | v]·[W_dq ; A]"
+        return deq + f"the K-extended Triton GEMM {what} on dense operands (no [M, N] pass outside it)"
     if name == "forward":
-        return deq + "one GEMM x·W_dqᵀ with C = s·u·Bᵀ + b read in its epilogue"
-    return deq + "one GEMM g·W_dq with C = d'(v·A) read in its epilogue"
+        return deq + "one cuBLAS GEMM x·W_dqᵀ with C = s·u·Bᵀ + b read in its epilogue"
+    return deq + "one cuBLAS GEMM g·W_dq with C = d'(v·A) read in its epilogue"
 
 
 def _pass(name: str, op: str, device: torch.device, backend: str | None, path: str | None, m: int,
@@ -175,7 +181,10 @@ def _pass(name: str, op: str, device: torch.device, backend: str | None, path: s
         chosen = "fused" if m <= max_m else "dequant_gemm"
         rel = "<=" if chosen == "fused" else ">"
         why = f"{choice.reason}; M={m} {rel} {max_m}, the crossover of the {cross.describe()}"
-    return PassPlan(name, choice.backend, chosen, _how(name, choice.backend, chosen, quant, dropout), why)
+    gemm = cross.fwd_gemm if name == "forward" else cross.dx_gemm
+    if chosen == "dequant_gemm" and choice.backend == "triton":
+        why += f"; GEMM {gemm}, the faster at training M in the {cross.describe()}"
+    return PassPlan(name, choice.backend, chosen, _how(name, choice.backend, chosen, quant, dropout, gemm), why)
 
 
 def plan(
