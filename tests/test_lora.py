@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 from helpers import DTYPES, FLOOR, id_formatter, rel_error
 
-from fastlora.functional import drop_threshold, dropout_keep_mask, seed32
+from fastlora.functional import apply_dropout, drop_threshold, dropout_keep_mask, seed32
+from fastlora.kernels.lora import lora_bwd_dx_triton
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.kernels.primitives import keep_mask
 from fastlora.ops import lora_linear
@@ -120,10 +121,10 @@ def test_opcheck(weight_kind):
     decoded = QuantState.from_op_args(*quant)
     assert decoded is None if state is None else decoded.op_args() == quant
     args = (x.clone().requires_grad_(), w, bias.clone().requires_grad_(), a.clone().requires_grad_(),
-            b.clone().requires_grad_(), *quant, 2.0, 0.0, 0, "")  # fmt: skip
+            b.clone().requires_grad_(), *quant, 2.0, 0.0, 0, "", "")  # fmt: skip
     torch.library.opcheck(torch.ops.fastlora.lora_linear, args)
     u = x.detach() @ a.detach().T
-    bwd_args = (torch.randn(5, 24), x.detach(), w, a.detach(), b.detach(), u, *quant, 2.0, 0.0, 0, "", True)
+    bwd_args = (torch.randn(5, 24), x.detach(), w, a.detach(), b.detach(), u, *quant, 2.0, 0.0, 0, "", "", True)
     torch.library.opcheck(torch.ops.fastlora.lora_linear_backward, bwd_args)
 
 
@@ -146,3 +147,26 @@ def test_dropout_mask_kernel_twin_is_bit_equal():
     se = (0.75 * 0.25 / 400) ** 0.5
     assert abs(mask.mean(0).std().item() - se) < 0.2 * se  # column rates scatter as independent draws
     assert abs(mask.mean().item() - 0.75) < 5 * (0.75 * 0.25 / mask.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
+@pytest.mark.parametrize("shape", [(5, 64, 37, 3), (19, 53, 48, 8)], ids=id_formatter("MKNr"))
+def test_input_gradient_with_dropout_in_one_launch(shape, dtype, weight_kind):
+    """lora_bwd_dx_triton(..., dropout_p, seed): dx = g W + d'(v A) with the mask of the (M, K) output positions
+    regenerated in the kernel, against float64; odd shapes (K = 53: the general 4-bit path), poisoned output."""
+    m, k, n, r = shape
+    _, w, state, w_ref, _, a, _ = _make(m, k, n, r, weight_kind, dtype)
+    g, v = torch.randn(m, n).to(dtype), torch.randn(m, r).to(dtype)
+    a = a.to(dtype)
+    for p, seed in [(0.1, 2**40 + 7), (0.5, 3)]:
+        got = lora_bwd_dx_triton(g, w, state, v, a, dropout_p=p, seed=seed)
+        ref = g.double() @ w_ref + apply_dropout(v.double() @ a.double(), p, seed)
+        low = g @ w_ref.to(dtype) + apply_dropout(v @ a, p, seed)
+        assert got.dtype == dtype and got.shape == (m, k)
+        _check(f"dx p={p}", got, ref, low, dtype)
+        # the mask acts: the dropped positions hold g W alone
+        keep = dropout_keep_mask((m, k), p, seed, "cpu")
+        base = g.double() @ w_ref
+        assert rel_error(got.double()[~keep], base[~keep]) <= 2 * rel_error(low.double(), ref) + FLOOR[dtype]
+    assert torch.equal(lora_bwd_dx_triton(g, w, state, v, a), lora_bwd_dx_triton(g, w, state, v, a, 0.0, 99))

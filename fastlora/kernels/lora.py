@@ -23,10 +23,41 @@ import triton
 import triton.language as tl
 
 from fastlora import _alloc, dispatch
-from fastlora.kernels.primitives import launch, mma, round_to_bf16_bits
+from fastlora.functional import drop_threshold, seed32
+from fastlora.kernels.primitives import keep_mask, launch, mma, round_to_bf16_bits
 from fastlora.kernels.quant4 import w4_tile
 from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
 from fastlora.quant.state import QuantState
+
+
+@triton.jit
+def _lora_term(
+    u_ptr, l_ptr, rm64, rn, m_mask, n_mask, R, stride_um, stride_ur, stride_lr, stride_ln, lora_scale,
+    drop_key, drop_threshold, drop_scale, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """fp32 (BM, BN) tile of ``s · d'(U L)``: U L summed apart in fp32 and scaled there (s never touches an
+    fp16/bf16 operand); d' the dropout mask of the output positions, regenerated from the seed."""
+    lora = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        r_mask = rr < R
+        u = tl.load(
+            u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        lw = tl.load(
+            l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        lora = mma(u, lw, lora, FP32_DOT)
+    if DROPOUT:  # dx = g·W + d'(v·A): the mask regenerated from the seed, never read from memory
+        rm = rm64.to(tl.int32)
+        keep = keep_mask(rm, rn, drop_key, drop_threshold)
+        lora = tl.where(keep, lora * drop_scale, 0.0)
+    return lora * lora_scale
 
 
 @triton.jit
@@ -43,6 +74,9 @@ def _lora_matmul_kernel(
     offset,
     log2_blocksize,
     lora_scale,  # s, the low-rank term's factor (fp32)
+    drop_key,  # DROPOUT: functional.seed32(seed), as a signed int32
+    drop_threshold,  # DROPOUT: functional.drop_threshold(p)
+    drop_scale,  # DROPOUT: 1 / (1 - p) (fp32)
     M,
     N,
     K,
@@ -67,6 +101,9 @@ def _lora_matmul_kernel(
     NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
+    ASM_LUT: tl.constexpr,  # 4-bit codes by a byte-permute table in inline PTX (GPU only, not the interpreter)
+    LORA_FIRST: tl.constexpr,  # the low-rank term initialises the accumulator (else: added after the loop)
+    DROPOUT: tl.constexpr,  # d' on the low-rank sum, mask over the OUTPUT positions (the input gradient's)
     FP32_DOT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -91,7 +128,17 @@ def _lora_matmul_kernel(
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # The low-rank term needs a second fp32 tile. Summed first, it initialises acc and is dead before the
+    # loop (tensor-core dtypes: 123 registers for the 128 x 128 NF4 dx tile instead of 162, both tiles
+    # live in an epilogue); the fp32 FMA tiles keep it after the loop (before it, the 4-bit 32 x 32
+    # tile passed 255 registers on sm_90).
+    if HAS_LORA and LORA_FIRST:
+        acc = _lora_term(
+            u_ptr, l_ptr, rm64, rn, m_mask, n_mask, R, stride_um, stride_ur, stride_lr, stride_ln, lora_scale,
+            drop_key, drop_threshold, drop_scale, DROPOUT, FP32_DOT, BM, BN, BR,
+        )  # fmt: skip
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_mask = rk < K
@@ -118,6 +165,7 @@ def _lora_matmul_kernel(
                     NESTED,
                     BN,
                     BK,
+                    ASM_LUT,
                 )
                 b = tl.trans(w)
             else:  # V[n, k] = W[n, k]: W rows rk, columns pid_n * BN .. + BN
@@ -137,6 +185,7 @@ def _lora_matmul_kernel(
                     NESTED,
                     BK,
                     BN,
+                    ASM_LUT,
                 )
         else:
             b = tl.load(
@@ -146,26 +195,11 @@ def _lora_matmul_kernel(
             )
         acc = mma(a, b, acc, FP32_DOT)
 
-    if HAS_LORA:
-        # U L summed apart in fp32 and scaled there: s never touches an fp16/bf16 operand. The second
-        # accumulator lives only here, after the main loop has released its registers (summing U L into
-        # acc before the loop instead pushed the fp32 4-bit 32x32 tile past 255 registers on sm_90).
-        lora = tl.zeros((BM, BN), dtype=tl.float32)
-        for r0 in range(0, R, BR):
-            rr = r0 + tl.arange(0, BR)
-            r_mask = rr < R
-            u = tl.load(
-                u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            lw = tl.load(
-                l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
-                mask=r_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            lora = mma(u, lw, lora, FP32_DOT)
-        acc += lora * lora_scale
+    if HAS_LORA and not LORA_FIRST:
+        acc += _lora_term(
+            u_ptr, l_ptr, rm64, rn, m_mask, n_mask, R, stride_um, stride_ur, stride_lr, stride_ln, lora_scale,
+            drop_key, drop_threshold, drop_scale, DROPOUT, FP32_DOT, BM, BN, BR,
+        )  # fmt: skip
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -193,7 +227,13 @@ TC_CONFIGS = [
     triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BM": 16, "BN": 64, "BK": 128, "GROUP_M": 1}, num_warps=8, num_stages=3),
     triton.Config({"BM": 16, "BN": 32, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    # decode at N = 4096: 256 CTAs for 132 SMs (BN = 32 gives 128, BN = 64 gives 64): no split-K needed
+    triton.Config({"BM": 16, "BN": 16, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
 ]
+# Dense operands only (the K-extended GEMM over a dequantised scratch W at training sizes): a 128 x 256 x 64
+# tile, 4 HGMMA 64x256x16 a K step per warpgroup with wgmma wait depth 1 (sm_90: 211 registers, 147 KB of
+# shared memory; sm_80: 255 registers, 96 KB; no spill on either triton).
+DENSE_LARGE_CONFIG = triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
 FP32_CONFIGS = [
     triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
     triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
@@ -207,7 +247,9 @@ def configs_for(dtype: torch.dtype, w_4bit: bool, w_aligned: bool) -> list[trito
     """The configs the launcher may pick for one kernel variant (all compiled ahead of time in CI)."""
     if w_4bit and not w_aligned:
         return [GENERAL_4BIT_CONFIG]
-    return FP32_CONFIGS if dtype == torch.float32 else TC_CONFIGS
+    if dtype == torch.float32:
+        return FP32_CONFIGS
+    return TC_CONFIGS if w_4bit else [*TC_CONFIGS, DENSE_LARGE_CONFIG]
 
 
 def _launch(
@@ -221,11 +263,18 @@ def _launch(
     l_strides: tuple[int, int],
     bias: torch.Tensor | None,
     lora_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """out (M, n_out) = x · V + lora_scale · (u · L) + bias, V = Wᵀ (w_trans) or W."""
+    """out (M, n_out) = x · V + lora_scale · d'(u · L) + bias, V = Wᵀ (w_trans) or W; d' inverted dropout
+    with the mask of the (M, n_out) output positions (identity at dropout_p = 0)."""
     m, k = x.shape
     out = _alloc.empty((m, n_out), dtype=x.dtype, device=x.device)
     r = u.shape[1] if u is not None else 0
+    dropout = dropout_p > 0.0 and r > 0
+    threshold = drop_threshold(dropout_p)  # validates p
+    key = seed32(seed) if dropout else 0
+    key -= (key >> 31) << 32  # the same 32 bits as a signed int32: one kernel signature for every seed
     w_4bit = state is not None
     nested = w_4bit and state.nested is not None
     if w_4bit:
@@ -257,6 +306,9 @@ def _launch(
         offset,
         log2_bs,
         float(lora_scale),
+        key,
+        threshold if dropout else 0,
+        1.0 / (1.0 - dropout_p),
         m,
         n_out,
         k,
@@ -283,6 +335,9 @@ def _launch(
         "NESTED": nested,
         "HAS_BIAS": bias is not None,
         "HAS_LORA": r > 0,
+        "ASM_LUT": not dispatch.interpreting(),
+        "LORA_FIRST": x.dtype != torch.float32,
+        "DROPOUT": dropout,
         "FP32_DOT": x.dtype == torch.float32 or dispatch.interpreting(),
         "BR": BR,
     }
@@ -332,20 +387,28 @@ def lora_bwd_dx_triton(
     state: QuantState | None,
     v: torch.Tensor | None,
     lora_a: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``dx = g W + v A`` in one launch (``v = s·g B``; v=None gives ``g W`` alone).
+    """``dx = g W + d'(v A)`` in one launch (``v = s·g B``; v=None gives ``g W`` alone).
+
+    d' is the LoRA dropout of the forward applied to the gradient: the fp32 sum ``v A`` is multiplied by
+    the keep mask of the (M, K) output positions (:func:`fastlora.functional.dropout_keep_mask` with
+    ``seed``, regenerated in the kernel) and by ``1 / (1 - dropout_p)`` before it joins the tile.
 
     Args:
         g: (M, N) gradient of the output, any strides.
         weight, state: as in :func:`lora_fwd_triton`.
         v: (M, r) or None.  lora_a: (r, K).
+        dropout_p: drop probability in [0, 1) of the forward's dropout on x; 0 for none.
+        seed: that dropout's seed.
 
     Returns:
         (M, K) in g's dtype.
     """
     k = state.shape[1] if state is not None else weight.shape[1]
     l_strides = (lora_a.stride(0), lora_a.stride(1)) if lora_a is not None else (0, 0)
-    return _launch(g, weight, state, k, False, v, lora_a, l_strides, None)
+    return _launch(g, weight, state, k, False, v, lora_a, l_strides, None, 1.0, dropout_p, seed)
 
 
 def _runtime_hints(w_4bit: bool, aligned: bool, trans: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -370,7 +433,19 @@ def _runtime_hints(w_4bit: bool, aligned: bool, trans: bool) -> tuple[tuple[str,
 def _register_aot_specs() -> None:
     ints = ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "W_ROWS", "W_COLS")
     ints += tuple(f"stride_{s}" for s in ("um", "ur", "lr", "ln", "om", "on"))
-    flags = ("W_4BIT", "FP4", "W_ALIGNED", "W_TRANS", "NESTED", "HAS_BIAS", "HAS_LORA", "FP32_DOT")
+    flags = (
+        "W_4BIT",
+        "FP4",
+        "W_ALIGNED",
+        "W_TRANS",
+        "NESTED",
+        "HAS_BIAS",
+        "HAS_LORA",
+        "ASM_LUT",
+        "LORA_FIRST",
+        "DROPOUT",
+        "FP32_DOT",
+    )
     # dense: the forward (V = Wᵀ) and the input gradient (V = W) read W through different unit strides
     variants = [("dense", False, False, True, False), ("dense-dx", False, False, False, False)]
     for trans in (True, False):
@@ -395,28 +470,51 @@ def _register_aot_specs() -> None:
                 "offset": "fp32",
                 "log2_blocksize": "i32",
                 "lora_scale": "fp32",
+                "drop_key": "i32",
+                "drop_threshold": "i32",
+                "drop_scale": "fp32",
                 **dict.fromkeys(ints, "i32"),
                 **dict.fromkeys((*flags, "BM", "BN", "BK", "BR", "GROUP_M"), "constexpr"),
             }
-            values = dict(
-                zip(flags, (w_4bit, False, aligned, trans, nested, True, True, dtype == torch.float32), strict=True)
-            )
-            ones, div16 = _runtime_hints(w_4bit, aligned, trans)
-            for i, cfg in enumerate(configs_for(dtype, w_4bit, aligned)):
-                register(
-                    KernelSpec(
-                        name=f"lora_matmul[{str(dtype)[6:]},{kind},cfg{i}]",
-                        fn=_lora_matmul_kernel,
-                        signature=signature,
-                        constexprs={**values, "BR": BR, **cfg.kwargs},
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        # training-size tiles must use wgmma on Hopper and no stack at all
-                        tensor_core=dtype != torch.float32 and cfg.kwargs["BM"] >= 64,
-                        ones=ones,
-                        div16=div16,
+            # the input gradient also with LoRA dropout (a separate binary: DROPOUT is a constexpr)
+            for dropout in (False, True) if not trans else (False,):
+                values = dict(
+                    zip(
+                        flags,
+                        (
+                            w_4bit,
+                            False,
+                            aligned,
+                            trans,
+                            nested,
+                            True,
+                            True,
+                            True,
+                            dtype != torch.float32,
+                            dropout,
+                            dtype == torch.float32,
+                        ),
+                        strict=True,
                     )
                 )
+                ones, div16 = _runtime_hints(w_4bit, aligned, trans)
+                if not dropout:  # key and threshold 0: divisible by 16 for the JIT
+                    div16 += ("drop_key", "drop_threshold")
+                for i, cfg in enumerate(configs_for(dtype, w_4bit, aligned)):
+                    register(
+                        KernelSpec(
+                            name=f"lora_matmul[{str(dtype)[6:]},{kind}{'-drop' if dropout else ''},cfg{i}]",
+                            fn=_lora_matmul_kernel,
+                            signature=signature,
+                            constexprs={**values, "BR": BR, **cfg.kwargs},
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            # training-size tiles must use wgmma on Hopper and no stack at all
+                            tensor_core=dtype != torch.float32 and cfg.kwargs["BM"] >= 64,
+                            ones=ones,
+                            div16=div16,
+                        )
+                    )
 
 
 _register_aot_specs()
