@@ -34,9 +34,12 @@ def lora_up(
 ) -> torch.Tensor:
     """C = d'(scale·(u·L)) + bias: u (M, r), l = L (r, N), bias (N,) or None -> (M, N) in u's dtype
     (written into ``out`` when given)."""
-    c = apply_dropout(scale * (u @ l), p, seed)
-    if bias is not None:
-        c = c + bias
+    if p == 0.0 and bias is not None:
+        c = torch.addmm(bias, u, l, alpha=scale)  # s and the bias on the fp32 accumulator: one rounding
+    else:
+        c = apply_dropout(_scaled_mm(u, l, scale), p, seed)
+        if bias is not None:
+            c = c + bias
     if out is None:
         return c
     return out.copy_(c)
@@ -44,7 +47,14 @@ def lora_up(
 
 def lora_grads(g: torch.Tensor, b: torch.Tensor, u: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(v, dB) = (scale·g·B, scale·gᵀ·u): g (M, N), b = B (N, r), u (M, r) -> (M, r), (N, r)."""
-    return scale * (g @ b), scale * (g.T @ u)
+    return _scaled_mm(g, b, scale), _scaled_mm(g.T, u, scale)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · a @ b`` with the scale applied to the fp32 accumulator (addmm's alpha on CPU and cuBLAS), so an
+    fp16/bf16 result overflows only where the exact one does (``scale * (a @ b)`` rounds ``a @ b`` first, and
+    ``(scale * a) @ b`` overflows an operand). a: (M, K), b: (K, N)."""
+    return torch.addmm(a.new_zeros(()).expand(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
 
 
 def lora_grad_a(v: torch.Tensor, x: torch.Tensor, p: float = 0.0, seed: int = 0) -> torch.Tensor:
