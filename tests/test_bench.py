@@ -145,6 +145,42 @@ def test_layer_suite_all_implementations_pass_their_guard():
         assert r.tflops == pytest.approx(r.flops / r.ms / 1e9) and r.gbs == pytest.approx(r.bytes / r.ms / 1e6)
 
 
+@pytest.mark.parametrize("kind", ["magnitude", "norm-not-detached", "no-dm"])
+def test_dora_rows_guard_against_peft_dora_and_reject_a_wrong_dora(kind):
+    """The DoRA rows: peft's DoRA (dense and over bnb NF4) and fastlora's pass the guard, which also compares dm;
+    a DoRA 5 % off, one whose norm takes part in backward, or one whose m gets no gradient FAILS, untimed."""
+    _peers()
+    calls: list[int] = []
+
+    def builder(name, wt, dtype):
+        impl = layer.build(name, wt, dtype)
+        if name != "fastlora-dora":
+            return impl
+        a, b, m, w = impl.params["dA"], impl.params["dB"], impl.params["dm"], wt.w.to(dtype)
+        norm = (w + wt.scale * b @ a).norm(dim=1)  # the §4.3 detach forgotten: dA and dB change
+        if kind == "magnitude":
+            wrong = lambda x: 1.05 * impl.forward(x)  # noqa: E731
+        elif kind == "norm-not-detached":
+            wrong = lambda x: (x @ w.T + wt.scale * (x @ a.T) @ b.T) * (m / norm)  # noqa: E731
+        else:  # m detached: dm never computed
+            wrong = lambda x: (x @ w.T + wt.scale * (x @ a.T) @ b.T) * (m.detach() / norm.detach())  # noqa: E731
+
+        def counted(x):
+            calls.append(1)
+            return wrong(x)
+
+        return dataclasses.replace(impl, forward=counted)
+
+    names = ("peft-dora", "peft+bnb-dora-nf4", "fastlora-dora", "fastlora-dora-nf4")
+    recs = layer.run(TINY_CASES[:1], cuda=False, timer=TINY_TIMER, impls=names, builder=builder)
+    assert all(r.status == OK for r in recs if r.impl != "fastlora-dora"), [r.note for r in recs]
+    wrong = [r for r in recs if r.impl == "fastlora-dora"]
+    assert all(r.status == FAILED and r.ms is None for r in wrong), wrong[0].note
+    expected = {"magnitude": "y differs", "norm-not-detached": "differs", "no-dm": "was not computed"}[kind]
+    assert expected in wrong[0].note, wrong[0].note
+    assert len(calls) == 1
+
+
 def test_model_guard_passes_the_peers_and_rejects_a_wrong_model(monkeypatch):
     _peers()
     pytest.importorskip("transformers")

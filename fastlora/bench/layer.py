@@ -13,6 +13,13 @@ base, x and the LoRA factors receive gradients); the backward uses one fixed ran
     unsloth-nf4      unsloth's fast path, written here (bench/unsloth_style.py): W dequantised into a shared
                      scratch, cuBLAS, the low-rank term by an in-place addmm_ (fwd and dx); no dropout
     fastlora-nf4@P   fastlora-nf4 with FASTLORA_PATH=P ("fused" or "dequant_gemm") in forward and backward
+    peft-dora        peft's DoRA (LoraConfig(use_dora=True)) over an nn.Linear
+    peft+bnb-dora-nf4  peft's DoRA over bnb.nn.Linear4bit (the same NF4 bytes)
+    fastlora-dora, fastlora-dora-nf4  FastLoRALinear(use_dora=True), dense and NF4 base
+
+DoRA rows: y = m ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) / ‖W + s B A‖_row, the norm a constant in backward (peft's detach), with
+m = ‖W + s B A‖ ⊙ (0.5 .. 1.5 per row, fixed) so the scaling shows; the guard also compares dm. Their FLOP and
+byte counts are LoRA's (the norm's extra pass and the scaling are not counted as useful work).
 
 Counted work (dequantisation and elementwise work are free; a 4-bit W counts its packed bytes + statistics):
 
@@ -50,8 +57,12 @@ IMPLS = (
     "dequant-nf4",
     "unsloth-nf4",
     *(f"fastlora-nf4@{p}" for p in PATHS),
+    "peft-dora",
+    "peft+bnb-dora-nf4",
+    "fastlora-dora",
+    "fastlora-dora-nf4",
 )
-REFERENCES = ("torch", "peft", "peft+bnb-nf4", "dequant-nf4", "unsloth-nf4")
+REFERENCES = ("torch", "peft", "peft+bnb-nf4", "dequant-nf4", "unsloth-nf4", "peft-dora")
 
 
 def lora_flops(m: int, k: int, n: int, r: int, pass_: str) -> int:
@@ -79,17 +90,25 @@ class Weights:
     scale: float
     alpha: float
     quant: dict[str, tuple[torch.Tensor, object]]  # "nf4"/"fp4" -> (packed, QuantState)
+    mag_factor: torch.Tensor  # (N,) fp32 in [0.5, 1.5): DoRA's m = ‖W + s B A‖ ⊙ mag_factor
 
     def dense(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
-        """(N, K) base weight in ``dtype``: W itself ("dense") or the dequantised 4-bit W."""
+        """(N, K) base weight in ``dtype``: W itself ("dense", "dora-dense") or the dequantised 4-bit W."""
         from fastlora.quant import dequantize_4bit
 
+        kind = kind.removeprefix("dora-")
         if kind == "dense":
             return self.w.to(dtype)
         packed, state = self.quant[kind]
         return dequantize_4bit(packed, state, torch.float32).to(dtype)
 
+    def magnitude(self, kind: str) -> torch.Tensor:
+        """(N,) fp32 DoRA magnitude for a base of ``kind`` (its norm ‖W + s B A‖ times the fixed factor)."""
+        merged = self.dense(kind, torch.float32) + self.scale * self.b.float() @ self.a.float()
+        return merged.norm(dim=1) * self.mag_factor
+
     def weight_bytes(self, kind: str) -> int:
+        kind = kind.removeprefix("dora-")
         if kind == "dense":
             return self.w.numel() * self.w.element_size()
         packed, state = self.quant[kind]
@@ -104,7 +123,8 @@ def make_weights(k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: 
     a = ((torch.rand(r, k, device=device, generator=gen) * 2 - 1) / math.sqrt(k)).to(dtype)
     b = ((torch.rand(n, r, device=device, generator=gen) * 2 - 1) / math.sqrt(r)).to(dtype)
     quant = {qt: quantize_4bit(w, qt, 64, double_quant=True) for qt in ("nf4", "fp4")}
-    return Weights(w, a, b, scale=2.0, alpha=2.0 * r, quant=quant)
+    mag = torch.rand(n, device=device, generator=gen) + 0.5
+    return Weights(w, a, b, scale=2.0, alpha=2.0 * r, quant=quant, mag_factor=mag)
 
 
 @dataclasses.dataclass
@@ -117,7 +137,7 @@ class Impl:
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     params: dict[str, torch.Tensor]
-    kind: str  # "dense", "nf4", "fp4": which reference it must match
+    kind: str  # "dense", "nf4", "fp4", "dora-dense", "dora-nf4": which reference it must match
 
 
 def _torch_lora(wt: Weights, weight: Callable[[], torch.Tensor], name: str, kind: str) -> Impl:
@@ -133,21 +153,29 @@ class _Holder(nn.Module):
         self.proj = layer
 
 
-def _peft(wt: Weights, base: nn.Module, four_bit: bool) -> Impl:
+def _peft(wt: Weights, base: nn.Module, four_bit: bool, dora: bool = False) -> Impl:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise Skip(f"peft is not installed ({e})") from e
     holder = _Holder(base)
     holder.is_loaded_in_4bit = four_bit  # peft picks its bnb Linear4bit LoRA layer only for 4-bit models
-    config = LoraConfig(r=wt.a.shape[0], lora_alpha=wt.alpha, lora_dropout=0.0, target_modules=["proj"])
+    config = LoraConfig(r=wt.a.shape[0], lora_alpha=wt.alpha, lora_dropout=0.0, target_modules=["proj"],
+                        use_dora=dora)  # fmt: skip
     inject_adapter_in_model(config, holder)
     layer = holder.proj
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    kind = "nf4" if four_bit else "dense"
     with torch.no_grad():
         lora_a.data, lora_b.data = wt.a.clone(), wt.b.clone()
-    name = "peft+bnb-nf4" if four_bit else "peft"
-    return Impl(name, layer, {"dA": lora_a, "dB": lora_b}, "nf4" if four_bit else "dense")
+    params = {"dA": lora_a, "dB": lora_b}
+    if dora:
+        mag = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            mag.data = wt.magnitude(kind).to(lora_a.dtype)
+        params["dm"], kind = mag, f"dora-{kind}"
+    name = ("peft+bnb" if four_bit else "peft") + ("-dora" if dora else "") + ("-nf4" if four_bit else "")
+    return Impl(name, layer, params, kind)
 
 
 def bnb_linear4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> nn.Module:
@@ -180,9 +208,13 @@ def build(name: str, wt: Weights, dtype: torch.dtype) -> Impl:
         linear = nn.Linear(k, n, bias=False, device=wt.w.device, dtype=dtype)
         linear.weight = nn.Parameter(wt.w.clone(), requires_grad=False)
         return _peft(wt, linear, four_bit=False)
-    if name == "peft+bnb-nf4":
-        packed, state = wt.quant["nf4"]
-        return _peft(wt, bnb_linear4bit(packed, state, dtype), four_bit=True)
+    if name in ("peft-dora", "peft+bnb-nf4", "peft+bnb-dora-nf4"):
+        if name == "peft-dora":
+            base = nn.Linear(k, n, bias=False, device=wt.w.device, dtype=dtype)
+            base.weight = nn.Parameter(wt.w.clone(), requires_grad=False)
+        else:
+            base = bnb_linear4bit(*wt.quant["nf4"], dtype)
+        return _peft(wt, base, four_bit=name != "peft-dora", dora="dora" in name)
     if name == "unsloth-nf4":
         packed, state = wt.quant["nf4"]
         a, b = wt.a.clone().requires_grad_(), wt.b.clone().requires_grad_()
@@ -191,25 +223,36 @@ def build(name: str, wt: Weights, dtype: torch.dtype) -> Impl:
     if name.startswith("fastlora") and "@" in name and name in IMPLS:
         impl = build(name.partition("@")[0], wt, dtype)
         return dataclasses.replace(impl, name=name, forward=path_scope(impl.forward, name.partition("@")[2]))
-    if name.startswith("fastlora"):
-        kind = name.partition("-")[2] or "dense"
+    if name.startswith("fastlora") and name in IMPLS:
+        kind = name.removeprefix("fastlora").removeprefix("-").removeprefix("dora").removeprefix("-") or "dense"
+        dora = name.startswith("fastlora-dora")
         weight, state = (wt.w, None) if kind == "dense" else wt.quant[kind]
-        layer = FastLoRALinear(weight, None, r, wt.alpha, quant_state=state, init="none")
+        layer = FastLoRALinear(weight, None, r, wt.alpha, quant_state=state, init="none", use_dora=dora)
+        params = {"dA": layer.lora_A, "dB": layer.lora_B}
         with torch.no_grad():
             layer.lora_A.copy_(wt.a)
             layer.lora_B.copy_(wt.b)
-        return Impl(name, layer, {"dA": layer.lora_A, "dB": layer.lora_B}, kind)
+            if dora:
+                params["dm"] = layer.adapter.lora_magnitude_vector
+                params["dm"].copy_(wt.magnitude(kind))
+        return Impl(name, layer, params, f"dora-{kind}" if dora else kind)
     raise ValueError(f"fastlora bench: unknown layer implementation {name!r}; expected one of {IMPLS}")
 
 
 def reference(wt: Weights, kind: str, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """y, dx, dA, dB of ``x Wᵀ + s (x Aᵀ) Bᵀ`` in the reference dtype (fp32 with TF32 off, or float64)."""
+    """y, dx, dA, dB of ``x Wᵀ + s (x Aᵀ) Bᵀ`` in the reference dtype (fp32 with TF32 off, or float64); a
+    "dora-*" kind: that times m / ‖W + s B A‖ (the norm detached), and dm."""
     rd = guard.reference_dtype(x.dtype)
     with guard.no_tf32():
         xr, ar, br = (t.detach().to(rd).requires_grad_() for t in (x, wt.a, wt.b))
-        y = xr @ wt.dense(kind, rd).T + wt.scale * (xr @ ar.T) @ br.T
+        w = wt.dense(kind, rd)
+        y = xr @ w.T + wt.scale * (xr @ ar.T) @ br.T
+        if kind.startswith("dora-"):
+            mr = wt.magnitude(kind).to(x.dtype).to(rd).requires_grad_()  # m as the implementations hold it
+            y = y * (mr / (w + wt.scale * br @ ar).norm(dim=1).detach())
         y.backward(g.to(rd))
-    return {"y": y.detach(), "dx": xr.grad, "dA": ar.grad, "dB": br.grad}
+    out = {"y": y.detach(), "dx": xr.grad, "dA": ar.grad, "dB": br.grad}
+    return {**out, "dm": mr.grad} if kind.startswith("dora-") else out
 
 
 def run_once(impl: Impl, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor | None]:
