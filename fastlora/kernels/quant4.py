@@ -183,9 +183,10 @@ def code_value_bytes(byte, zero, FP4: tl.constexpr, ASM_LUT: tl.constexpr):
     """fp32 codes (high nibble, low nibble) of packed uint8 ``byte``: two tiles of byte's shape.
 
     ASM_LUT (GPU only: inline assembly does not run under the interpreter): a byte-permute table,
-    :func:`_prmt_lut_asm`; ``zero`` is an int32 0 the compiler cannot see through (from a kernel
-    argument), OR-ed into the table words so that they stay in registers across the loop instead of
-    being rematerialised before every use. Otherwise the select tree :func:`code_value`. Both give the
+    :func:`_prmt_lut_asm`; ``zero`` is an int32 0 (tile broadcastable to byte's) the compiler cannot see
+    through, OR-ed into the table words: a per-thread value, so ptxas keeps the words in registers
+    instead of holding them in uniform registers and copying them before every use (39 IMAD.U32 a K
+    step of the 128 x 128 x 32 tile). Otherwise the select tree :func:`code_value`. Both give the
     table's bits.
     """
     if ASM_LUT:
@@ -289,7 +290,7 @@ def w4_tile(
             mask=(rows < N)[:, None] & (half < K // 2)[None, :],
             other=0,
         )
-        hi, lo = code_value_bytes(byte, log2_blocksize >> 16, FP4, ASM_LUT)
+        hi, lo = code_value_bytes(byte, ((rows | c0) >> 31)[:, None], FP4, ASM_LUT)  # rows, c0 >= 0: zero
         code = tl.reshape(tl.join(hi, lo), (ROWS, BC))  # high nibble first
         # one absmax per CW columns: 32 (the smallest blocksize), or the whole tile when it is narrower
         CW: tl.constexpr = 32 if BC > 32 else BC
