@@ -36,6 +36,7 @@ def test_rows_fit_first_longest_first():
     assert packed["input_ids"].shape == (3, 7)  # [7], [4 + 1], [3 + 2], each short row ending in 2 of padding
     assert packed["position_ids"].tolist()[1:] == [[0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 0, 1, 0, 1]]
     assert int(packed["attention_mask"].sum()) == int(batch["attention_mask"].sum()) == 17
+    assert int(packed["examples"]) == 5
     assert loss_count(packed["labels"], "causal") == loss_count(batch["labels"], "causal")
     starts = packed["position_ids"] == 0
     assert (packed["labels"][starts] == IGNORE).all()  # no target across an example boundary
@@ -119,7 +120,7 @@ def test_resumed_packed_run_is_bit_for_bit(tmp_path, llama_dir, capsys):
     kw = dict(model=llama_dir, data=data, method="lora", max_steps=5, eval_every=2, batch_size=6, lr=1e-2,
               lora_dropout=0.1, seed=3, warmup_ratio=0.0, val_split=0.25, progress=False)  # fmt: skip
     straight = TrainConfig(output_dir=str(tmp_path / "a"), **kw)
-    Trainer(straight).run()
+    assert Trainer(straight).run().examples_seen == 5 * 6  # examples, not packed rows
     assert "packed" in capsys.readouterr().out
 
     def interrupt(step, trainer):

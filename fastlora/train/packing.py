@@ -52,9 +52,9 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_batch(batch: dict[str, torch.Tensor], pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
     """The packed form of a right-padded causal ``batch`` (``input_ids``, ``attention_mask``, ``labels`` (B, L)
     int64, as :func:`fastlora.train.data.collate` makes it): ``input_ids``, ``position_ids``, ``labels`` and
-    ``attention_mask`` (1 on real tokens; for counting only, the model is not given it) (R, T) int64 with
-    R <= B, rows of at most ``capacity`` tokens (None or less than the longest example: the longest example),
-    T the fullest row."""
+    ``attention_mask`` (1 on real tokens; for counting only, the model is not given it) (R, T) int64 with R <= B
+    rows of at most ``capacity`` tokens (None or less than the longest example: the longest example), T the
+    fullest row; and ``examples`` (0-d int64: B, which the rows no longer tell)."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     lengths = mask.sum(1).tolist()
     rows = pack_rows(lengths, max(max(lengths), capacity or 0))
@@ -74,7 +74,8 @@ def pack_batch(batch: dict[str, torch.Tensor], pad_id: int, capacity: int | None
             out_mask[r, at : at + n] = 1
             at += n
         out_pos[r, at:] = steps[: width - at]  # the padding: a segment of its own
-    return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels, "position_ids": out_pos}
+    return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels, "position_ids": out_pos,
+            "examples": torch.tensor(len(lengths))}  # fmt: skip
 
 
 class Packer:

@@ -236,7 +236,7 @@ class Trainer:
         summed, tokens = self._backward(group, count)
         lr, grad_norm = self._apply_gradients()
         summed, tokens = self.dist.sum([summed, float(tokens)], self.device)
-        examples = sum(len(b["input_ids"]) for b in group) * self.dist.world
+        examples = sum(int(b.get("examples", len(b["input_ids"]))) for b in group) * self.dist.world  # packed: rows
         return StepResult(loss=summed / count, lr=lr, tokens=int(tokens), examples=examples,
                           seconds=time.perf_counter() - t0, grad_norm=grad_norm)  # fmt: skip
 
