@@ -203,6 +203,16 @@ def add_parsers(sub) -> None:
                    "trained on (dequantized), or into the original full-precision weights (original); the "
                    "measured difference from the trained model's outputs is printed either way "
                    "(default: dequantized)")  # fmt: skip
+    p.add_argument("--to-4bit", nargs="?", const="same", choices=("same", "nf4", "fp4"), default=None,
+                   metavar="nf4|fp4", help="re-quantise the merged LoRA layers to 4 bits and write a transformers "
+                   "bitsandbytes 4-bit checkpoint (no value: the run's 4-bit format; a float run: nf4, blocksize "
+                   "64, double quantisation) (default: a full-precision model)")  # fmt: skip
+    p.add_argument("--refit-rank", type=count(1), default=None, metavar="K", help="with --to-4bit: fit a rank-K "
+                   "[>= 1] residual to each layer's re-quantisation error (LoftQ's alternation), saved as a peft LoRA "
+                   "adapter in OUT/residual; the output error on the probe inputs is printed before and after "
+                   "(default: none, the plain re-quantisation)")  # fmt: skip
+    p.add_argument("--refit-iters", type=count(1), default=None, metavar="N", help="with --refit-rank: quantise/fit "
+                   "alternations [>= 1] (default: 1)")  # fmt: skip
     p.add_argument("--allow-base-mismatch", action="store_true", help="load the adapter although its record says "
                    "it was trained on another base (a warning instead of the error) (default: refuse)")  # fmt: skip
 

@@ -144,35 +144,77 @@ def _merge(args) -> int:
     """Fold the adapter into its base and write a plain transformers directory at --out, refusing (before the
     model loads) a destination that holds anything but an earlier merge's output. A 4-bit run merges into its
     dequantised 4-bit base (what the adapter was trained on) unless ``--merge-into original``; either way the
-    merged model's logits on a fixed probe batch are compared with the trained model's and the difference printed."""
+    merged model's logits on a fixed probe batch are compared with the trained model's and the difference printed.
+
+    ``--to-4bit``: the merged LoRA layers re-quantised to NF4/FP4 (a transformers bitsandbytes 4-bit checkpoint,
+    :mod:`fastlora.train.merge4bit`), with ``--refit-rank k`` a rank-k residual fitted to the re-quantisation error
+    and saved as a peft adapter in out/residual; each layer's output error on the probe batch's inputs is printed
+    before and after the refit."""
     from fastlora.methods.lora import LoraModel
+    from fastlora.train import merge4bit as M4
     from fastlora.train.trained import describe, logits, output_difference, probe_batch
 
     manifest = guards.read_manifest(args.adapter, base_given=bool(args.model))
     if manifest["method"] not in ("lora", "qlora"):
         raise ValueError(f"fastlora: merge folds LoRA adapters; {args.adapter} holds a {manifest['method']} artefact")
+    to_4bit, refit_rank = getattr(args, "to_4bit", None), getattr(args, "refit_rank", 0) or 0
+    refit_iters = getattr(args, "refit_iters", None)
+    if to_4bit is None and (refit_rank or refit_iters is not None):
+        raise ValueError("fastlora merge: --refit-rank and --refit-iters fit a residual to a 4-bit re-quantisation; "
+                         "pass --to-4bit with them")  # fmt: skip
+    if refit_iters is not None and not refit_rank:
+        raise ValueError("fastlora merge: --refit-iters needs --refit-rank K > 0 (the residual's rank)")
     guards.check_dir_destination(args.out, "--out", MERGE_MARKER, "merge")
     guards.check_writable(args.out, "--out")
     into = args.merge_into or "dequantized"
     manifest, model, tokenizer, base, record = _base_and_artifact(args, manifest=manifest)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     probe = probe_batch(tokenizer, manifest["max_length"], pad)
+    assert isinstance(model, LoraModel)
+    paths = [path for path, _ in model.lora_layers()]
+    seen, hooks = M4.capture_inputs(dict(model.lora_layers())) if to_4bit else ({}, [])
     trained = logits(model, probe, manifest["task"])  # the model as trained: the reference
+    for hook in hooks:
+        hook.remove()
     if record is not None and into == "original":
         del model
         _, model, _, _, _ = _base_and_artifact(args, manifest=manifest, merge_into="original")
     assert isinstance(model, LoraModel)
     merged = model.merge_and_unload()
+    quant, reports, residuals, refit_difference = None, {}, {}, None
+    if to_4bit:
+        # the run's 4-bit format (a float run: NF4, blocksize 64, double quantisation), --to-4bit TYPE its type
+        quant = {"quant_type": record["quant_type"] if record else "nf4", "blocksize": record["blocksize"] if record
+                 else 64, "double_quant": record["double_quant"] if record else True}  # fmt: skip
+        quant["quant_type"] = quant["quant_type"] if to_4bit == "same" else to_4bit
+        samples = {path: rows[0] for path, rows in seen.items() if rows}
+        reports, residuals = M4.requantize_layers(merged, paths, **quant, refit_rank=refit_rank,
+                                                  refit_iters=refit_iters or 1, samples=samples)  # fmt: skip
     difference = output_difference(trained, logits(merged, probe, manifest["task"]))
+    if residuals:
+        hooks = M4.residual_hooks(merged, residuals)
+        refit_difference = output_difference(trained, logits(merged, probe, manifest["task"]))
+        for hook in hooks:
+            hook.remove()
     if record is None:  # a float run, or a qlora run written before the record (on its fp32 base, as then)
         into = "original" if manifest["method"] == "qlora" else "float"
     tmp = guards.new_dir_beside(args.out)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        extra = {}
+        if quant:
+            dtype = next(p.dtype for p in merged.parameters() if p.is_floating_point())
+            M4.write_quantization_config(tmp, M4.quantization_config(merged, **{k: quant[k] for k in (
+                "quant_type", "double_quant")}, dtype=dtype))  # fmt: skip
+            extra = {"to_4bit": {**quant, "layers": len(paths), "refit_rank": refit_rank,
+                                 "refit_iters": (refit_iters or 1) if refit_rank else 0, "error": M4.summarize(reports),
+                                 "refit_output_difference": refit_difference}}  # fmt: skip
+            if residuals:
+                M4.save_residual(tmp, residuals, os.path.abspath(args.out))
         guards.write_marker(tmp, MERGE_MARKER, "merge", adapter=os.path.abspath(args.adapter),
                             base_model=os.path.abspath(base), merged_into=into,
-                            output_difference=difference)  # fmt: skip
+                            output_difference=difference, **extra)  # fmt: skip
         guards.publish_dir(tmp, args.out, "--out", MERGE_MARKER, "merge")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +231,8 @@ def _merge(args) -> int:
               "recorded as 4-bit", file=sys.stderr)  # fmt: skip
     print(f"fastlora: the merged model's logits differ from the trained model's by at most {difference['max_abs']:.3g} "
           f"(relative {difference['relative']:.3g}) on {len(probe['input_ids'])} probe texts")  # fmt: skip
+    if quant:
+        M4.print_report(quant, reports, refit_rank, refit_difference)
     return 0
 
 
