@@ -179,3 +179,27 @@ def test_a_run_trains_the_same_with_and_without_chunks(tmp_path, llama_dir):
             losses[mode] = [r.get("loss", r.get("val_loss")) for r in map(json.loads, f)]
     assert len(losses["on"]) >= 5
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+def test_the_vocabulary_sized_activations_are_gone():
+    """What the forward saves for backward, counted by the trainer's hook: the plain path keeps at least
+    4·V bytes per target token (the fp32 log-softmax); the chunked path nothing of size V."""
+    from fastlora.train.loss import batch_loss
+    from fastlora.train.memory import SavedActivations
+
+    vocab = 4099
+    model = tiny_llama(train=True, vocab_size=vocab)
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    saved = {}
+    for chunked in (False, True):
+        acts = SavedActivations(model, offload=False, count=True)
+        with acts.forward():
+            s, n, _ = batch_loss(model, model, batch, torch.device("cpu"), None, "causal", chunked=chunked)
+        s.backward()
+        saved[chunked] = acts.peak
+    assert n == 2 * 16
+    assert saved[False] - saved[True] >= 4 * vocab * n
+    assert saved[True] < 4 * vocab * n

@@ -1,12 +1,13 @@
 """Chunked linear cross-entropy: the causal-LM loss from the final hidden states and the output head, without
 ever holding the [tokens, vocab] logits.
 
-The plain path keeps fp32 logits (4·V bytes per token) and autograd keeps their gradient (another 4·V) until the
-backward: 2 × 4 × 128,256 B ≈ 1 MiB per token for Llama-3's vocabulary, 19.6 GiB of logits alone at 80k
-tokens. Here the forward runs the model with its output head bypassed (``set_output_embeddings``: the model
-returns the hidden states where the logits were), keeps only the positions that have a target (prompt
-tokens of instruction data cost nothing), and :class:`LinearCrossEntropy` computes the loss sum chunk by
-chunk; its backward recomputes each chunk's logits and softmax for dh and (when the head trains) dW, db.
+The plain path keeps the fp32 log-softmax of the logits for backward (4·V bytes per token, measured in
+tests/test_chunked_ce.py) and the backward makes their gradient (another 4·V): 2 × 4 × 128,256 B ≈ 1 MiB per
+token for Llama-3's vocabulary (19.1 GiB of fp32 logits at 40k tokens, and as much again for the gradient).
+Here the forward runs the model with its output head bypassed (``set_output_embeddings``: the model returns the
+hidden states where the logits were), keeps only the positions that have a target (prompt tokens of
+instruction data cost nothing), and :class:`LinearCrossEntropy` computes the loss sum chunk by chunk; its
+backward recomputes each chunk's logits and softmax for dh and (when the head trains) dW, db.
 What lives at once is one chunk's logits: ``chunk`` × V × 4 bytes (the default budget: 256 MiB).
 
 The logits are computed exactly as the plain path computes them: in the autocast dtype when autocast is on
