@@ -58,7 +58,8 @@ TRAIN_HELP = {
     "offload_activations": "keep the activations saved for the backward pass in CPU memory (pinned on a GPU): "
     "less GPU memory, more transfer time; with --gradient-checkpointing only the layers' inputs move (default: off)",
     "optim": "optimiser: torch AdamW (adamw), or bitsandbytes' 8-bit state (adamw8bit: 2 bytes per parameter "
-    "instead of 8), paged (paged_adamw) or both (paged_adamw8bit), which need a CUDA GPU",
+    "instead of 8, tensors of 4,096 values or more), paged (paged_adamw) or both (paged_adamw8bit): paging needs "
+    "CUDA, on a CPU they run unpaged",
     "chunked_ce": "causal LM: compute the loss chunk by chunk from the hidden states, never the [tokens, vocab] "
     "logits (saves 8 bytes x vocab per token: the fp32 logits and their gradient)",
     "ce_chunk_tokens": "tokens per chunk of --chunked-ce (default: 256 MiB of fp32 logits per chunk, e.g. 523 "

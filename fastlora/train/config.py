@@ -10,7 +10,7 @@ from typing import Any
 
 from fastlora.train.methods import DEFAULT_LR, INITS, METHODS, RECIPES
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")  # torch's AdamW, then bitsandbytes' (CUDA)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")  # torch's AdamW, then bitsandbytes'
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (pinned on a GPU)
-    optim: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes, CUDA)
+    optim: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes)
     chunked_ce: str = "on"  # causal LM: the loss without [tokens, vocab] logits (train/chunked_ce.py)
     ce_chunk_tokens: int | None = None  # tokens per chunk; None: 256 MiB of fp32 logits per chunk
     packing: str = "on"  # causal LM: a micro-batch's examples packed into rows without padding (train/packing.py)
