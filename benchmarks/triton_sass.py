@@ -770,6 +770,35 @@ def op_us(model: Model, path: str, op: str, m: int, k: int, n: int, quant: str =
     return sum(t for _, _, t in passes(model, path, op, m, k, n, quant, dt))
 
 
+DORA_SMALL_OPS = 18  # launches of dora_weight_norm / dora_linear on (N, r), (r, r), (N,) tensors (fastlora/ops/dora.py)
+
+
+def dora_passes(
+    model: Model, m: int, k: int, n: int, quant: str = "nf4", dt: str = "bf16", fused: bool = False
+) -> list:
+    """[(op, pass, HBM bytes, us)] that DoRA adds to a LoRA linear (fastlora/ops/dora.py: the norm from ‖W‖² (cached),
+    2s·B⊙(W·Aᵀ) and s²·B(AAᵀ)Bᵀ, then y = z ⊙ g with g = m / ‖W + s·BA‖ detached). ``fused=False``: as implemented
+    (autograd's elementwise passes over [M, N]); ``fused=True``: the floor when g is folded into the dequantised W's
+    and B's rows (forward and dx need no [M, N] pass) and dm = Σ_M dy ⊙ z reads z inside the pass that reads dy."""
+    e, r = ESIZE[dt], RANK
+    four = quant != "dense"
+    wb = w4_bytes(n, k) if four else n * k * e
+    mn = m * n * e
+    t, cfg = model.fused_us("nf4-nested-aligned-fwd" if four else "dense", dt, r, n, k, wb)
+    out = [("fwd", f"W·Aᵀ (N, r): the fused kernel at M = r = {r} over the packed W ({cfg})", wb + r * (k + n) * e, t)]
+    small = (r * k + 3 * n * r + r * r + 2 * n) * 4
+    out.append(("fwd", f"norm and g on (N, r)/(N,) tensors ({DORA_SMALL_OPS} launches)", small,
+                DORA_SMALL_OPS * LAUNCH_US + model.copy_us(small)))  # fmt: skip
+    if fused:
+        out.append(("bwd", "dm = Σ_M dy ⊙ z: z read beside dy in the v/dB pass", mn, model.copy_us(mn)))
+        return out
+    out.append(("fwd", "y = z ⊙ g", 2 * mn, model.mem_us(2 * mn)))
+    out.append(("bwd", "dz = dy ⊙ g", 2 * mn, model.mem_us(2 * mn)))
+    out.append(("bwd", "dy ⊙ z (the gradient of g)", 3 * mn, model.mem_us(3 * mn)))
+    out.append(("bwd", "Σ_M (dy ⊙ z) -> dm", mn + n * 4, model.mem_us(mn + n * 4)))
+    return out
+
+
 def crossover(model: Model, quant: str, dt: str, k: int, n: int) -> tuple[int, int]:
     """(fwd_max_m, dx_max_m): the largest M of CROSSOVER_MS up to which the fused kernel is at least as fast as
     the better dequant_gemm variant (0: never); the passes common to both (u, the LoRA gradients) cancel."""
