@@ -226,13 +226,10 @@ TC_CONFIGS = [
     triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BM": 16, "BN": 64, "BK": 128, "GROUP_M": 1}, num_warps=8, num_stages=3),
     triton.Config({"BM": 16, "BN": 32, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
-    # decode at N = 4096: 256 CTAs for 132 SMs (BN = 32 gives 128, BN = 64 gives 64): no split-K needed
-    triton.Config({"BM": 16, "BN": 16, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+    # decode at N = 4096: 256 CTAs for 132 SMs (BN = 32 gives 128, BN = 64 gives 64): no split-K needed;
+    # 2 warps (4: a spill in NF4 dx fp16 on sm_80 with 3.6)
+    triton.Config({"BM": 16, "BN": 16, "BK": 128, "GROUP_M": 1}, num_warps=2, num_stages=4),
 ]
-# Dense operands only (the K-extended GEMM over a dequantised scratch W at training sizes): a 128 x 256 x 64
-# tile, 4 HGMMA 64x256x16 a K step per warpgroup with wgmma wait depth 1 (sm_90: 211 registers, 147 KB of
-# shared memory; sm_80: 255 registers, 96 KB; no spill on either triton).
-DENSE_LARGE_CONFIG = triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
 FP32_CONFIGS = [
     triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
     triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
@@ -248,7 +245,7 @@ def configs_for(dtype: torch.dtype, w_4bit: bool, w_aligned: bool) -> list[trito
         return [GENERAL_4BIT_CONFIG]
     if dtype == torch.float32:
         return FP32_CONFIGS
-    return TC_CONFIGS if w_4bit else [*TC_CONFIGS, DENSE_LARGE_CONFIG]
+    return TC_CONFIGS
 
 
 def _launch(
