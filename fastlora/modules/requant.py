@@ -39,7 +39,8 @@ def quantize_with_residual(
 
     Returns:
         (packed, state, L (N, r) fp32, R (r, K) fp32, errors), ``errors[i]`` = ‖W − (dequant(Q_i) + L_i R_i)‖_F /
-        ‖W‖_F after iteration i.
+        ‖W‖_F after iteration i. The iterate returned is the one with the smallest error: the alternation is not
+        monotone (a W that is nearly representable in 4 bits gets worse with every iteration).
     """
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"fastlora: the LoftQ iteration count must be an int >= 1, got {iters!r}")
@@ -47,12 +48,16 @@ def quantize_with_residual(
     n, k = target.shape
     lo, ro = target.new_zeros((n, 0)), target.new_zeros((0, k))
     errors: list[float] = []
+    best = None
     for _ in range(iters if r > 0 else 1):
         packed, state = quantize_4bit((target - lo @ ro).to(dtype), quant_type, blocksize, double_quant)
         res = target - dequantize_4bit(packed, state, torch.float32)
         if r > 0:
             lo, ro = rank_fit(res, r)
         errors.append(((res - lo @ ro).norm() / target.norm().clamp_min(1e-30)).item())
+        if best is None or errors[-1] < best[0]:
+            best = (errors[-1], packed, state, lo, ro)
+    _, packed, state, lo, ro = best
     return packed, state, lo, ro, errors
 
 
@@ -83,9 +88,12 @@ def requantize_merged(
     report = {"requant_max_abs_error": err.abs().max().item(), "requant_rel_error": (err.norm() / merged.norm()).item()}
     residual, approx = None, plain
     if refit_rank > 0:
-        packed, new_state, lo, ro, errors = quantize_with_residual(merged, refit_rank, refit_iters, **fmt)
-        residual, report["refit_rel_error"] = (ro.contiguous(), lo.contiguous()), errors[-1]
-        approx = dequantize_4bit(packed, new_state, torch.float32) + lo @ ro
+        packed2, state2, lo, ro, errors = quantize_with_residual(merged, refit_rank, refit_iters, **fmt)
+        report["refit_rel_error"] = min(errors)
+        report["refit_kept"] = float(min(errors) < report["requant_rel_error"])
+        if report["refit_kept"]:  # else the plain re-quantisation is the better weight: no residual
+            packed, new_state, residual = packed2, state2, (ro.contiguous(), lo.contiguous())
+            approx = dequantize_4bit(packed, new_state, torch.float32) + lo @ ro
     if sample is not None:
         x = sample.reshape(-1, merged.shape[1]).float()
         want = x @ merged.T
