@@ -11,6 +11,7 @@ from helpers import DTYPES, FLOOR, id_formatter, rel_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
+from fastlora import native
 from fastlora.kernels.lora_ref import lora_linear_ref
 from fastlora.ops import crossover_table, lora_paths, scratch
 from fastlora.ops import planner as plan_mod
@@ -147,8 +148,11 @@ def test_plan_small_m_fused_training_m_dequant_gemm():
     for m, want in [(1, "fused"), (cross.fwd_max_m, "fused"), (cross.fwd_max_m + 1, "dequant_gemm"),
                     (4096, "dequant_gemm"), (8192, "dequant_gemm")]:  # fmt: skip
         p = fastlora.plan(m, 4096, 4096, 16, dtype=torch.bfloat16, quant="nf4", device="cuda")
-        assert p.forward.backend == "triton" and p.forward.path == want, str(p)
-        assert str(cross.fwd_max_m) in p.forward.reason
+        assert p.forward.path == want, str(p)
+        if m <= native.MAX_DECODE_M and native.unavailable_reason("cuda") is None:
+            assert p.forward.backend == "native"  # the CUDA decode GEMV, where the extension has it
+        else:
+            assert p.forward.backend == "triton" and str(cross.fwd_max_m) in p.forward.reason
     p = fastlora.plan(8192, 4096, 14336, 16, quant="nf4", device="cuda", dropout_p=0.05)
     assert p.input_grad.path == "dequant_gemm" and p.lora_grads.backend == "triton"
     assert "one pass over g" in p.lora_grads.how and "why:" in str(p)
@@ -176,7 +180,10 @@ def test_plan_on_cpu_and_for_the_reference():
 def test_plan_uses_the_nearest_row_and_the_op_follows_it(monkeypatch):
     """A shape absent from the table takes the nearest row of its quant and dtype, and the op runs the path
     the plan names (a table with a tiny crossover makes the switch cheap to observe on the CPU)."""
-    rows = ((90, "nf4", "fp32", 64, 64, 4, 2), (90, "nf4", "fp32", 4096, 4096, 64, 32))
+    rows = (
+        (90, "nf4", "fp32", 64, 64, 4, 2, "cublas_c", "cublas_c"),
+        (90, "nf4", "fp32", 4096, 4096, 64, 32, "kext", "kext"),
+    )
     monkeypatch.setattr(crossover_table, "ROWS", rows)
     assert plan_mod.crossover(128, 96, "nf4", torch.float32).row == rows[0]
     assert plan_mod.crossover(3000, 5000, "nf4", torch.float32).row == rows[1]

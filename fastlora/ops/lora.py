@@ -56,7 +56,10 @@ def _decode_only(facts) -> str | None:
     return None
 
 
-@dispatch.register(OP, "native", devices=("cpu", "cuda"), default_on=("cpu",), when=_decode_only,
+# The default for decode on CUDA too: the static sm_90 model puts the CUDA GEMV (a ring of three 16-byte W loads
+# in flight) at 74-86 % of HBM for fp16/bf16 at M <= 16 (benchmarks/results/static-sm90-2026-11-25), the fused
+# Triton kernel at 28 % (static-sm90-2026-12-02). Where the extension has no CUDA kernels, Triton runs.
+@dispatch.register(OP, "native", devices=("cpu", "cuda"), default_on=("cpu", "cuda"), when=_decode_only,
                    available=native.unavailable_reason)  # fmt: skip
 def _fwd_native(x, weight, state, bias, u, lora_b, scale, path=None):
     """Decode: W read once, dequantised in registers, s·u Bᵀ added in the epilogue (u carries the dropout)."""
