@@ -235,6 +235,8 @@ FP32_CONFIGS = [
     triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 1}, num_warps=4, num_stages=2),
 ]
 GENERAL_4BIT_CONFIG = triton.Config({"BM": 64, "BN": 32, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2)
+# fp32 FMA dots: 64 rows spill 1-2 registers (ptxas settles at 128) in the run-time-specialised binary
+GENERAL_4BIT_FP32_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2)
 INTERPRETER_CONFIG = triton.Config({"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
 _TUNING_KEY = ["M_BUCKET", "N", "K", "R", "W_4BIT", "W_ALIGNED", "W_TRANS", "NESTED"]
 
@@ -242,7 +244,7 @@ _TUNING_KEY = ["M_BUCKET", "N", "K", "R", "W_4BIT", "W_ALIGNED", "W_TRANS", "NES
 def configs_for(dtype: torch.dtype, w_4bit: bool, w_aligned: bool) -> list[triton.Config]:
     """The configs the launcher may pick for one kernel variant (all compiled ahead of time in CI)."""
     if w_4bit and not w_aligned:
-        return [GENERAL_4BIT_CONFIG]
+        return [GENERAL_4BIT_FP32_CONFIG if dtype == torch.float32 else GENERAL_4BIT_CONFIG]
     if dtype == torch.float32:
         return FP32_CONFIGS
     return TC_CONFIGS
