@@ -1,31 +1,24 @@
-"""Triton kernels: blockwise 4-bit (NF4/FP4) quantisation and dequantisation, and the decoding the
-GEMM shares (``code_value``, ``load_absmax``, ``w4_tile``: a W tile dequantised in registers).
+"""Triton kernels: blockwise 4-bit (NF4/FP4) quantisation, and the decoding the GEMM shares
+(``code_value``, ``load_absmax``, ``w4_tile``: a W tile dequantised in registers). Dequantisation
+to memory is :mod:`fastlora.kernels.dequant` (bandwidth-bound: 16-byte loads and stores).
 
 The PyTorch reference (the spec) is :mod:`fastlora.quant.ref`; both are byte-for-byte
 equal to bitsandbytes. The kernels run on CUDA tensors, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (tests).
 
-Two details keep the results bit-exact on every backend:
-- quantisation divides with ``tl.div_rn`` (IEEE round-to-nearest; plain ``/`` may be an
-  approximate division on the GPU), and dequantisation of nested absmax is compiled without
-  FMA contraction, as bitsandbytes computes ``code[q] * absmax2`` and ``+ offset`` separately;
-- bf16 outputs are rounded to nearest-even with integer arithmetic before the cast, because
-  the interpreter's fp32->bf16 cast truncates (the GPU's rounds: both then agree).
+Quantisation divides with ``tl.div_rn`` (IEEE round-to-nearest; plain ``/`` may be an approximate
+division on the GPU), which keeps its bytes equal to the reference's on every backend.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from fastlora import _alloc
-from fastlora.kernels.primitives import round_to_bf16_bits
 from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
 from fastlora.quant.codes import BLOCKSIZES, get_bounds, get_code
-from fastlora.quant.state import QuantState
 
 
 @triton.jit
@@ -309,39 +302,8 @@ def w4_tile(
         return tl.where(mask, code_value(idx, FP4) * absmax, 0.0)
 
 
-@triton.jit
-def _dequantize_4bit_kernel(
-    packed_ptr,  # (ceil(n/2),) uint8
-    absmax_ptr,  # (nblocks,) fp32, or uint8 when NESTED
-    code_ptr,  # (16,) fp32
-    out_ptr,  # (n,) fp32/fp16/bf16
-    nested_absmax_ptr,  # (ceil(nblocks/256),) fp32 (unused unless NESTED)
-    nested_code_ptr,  # (256,) fp32 (unused unless NESTED)
-    offset,  # fp32
-    n,
-    log2_blocksize,
-    NESTED: tl.constexpr,
-    BLOCK: tl.constexpr,  # bytes per program; 2 * BLOCK values
-):
-    pid = tl.program_id(0)
-    boffs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
-    idx = tl.reshape(tl.join(byte >> 4, byte & 0xF), (2 * BLOCK,))  # high nibble first
-
-    offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    mask = offs < n
-    absmax = load_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs >> log2_blocksize, mask, NESTED)
-    value = tl.load(code_ptr + idx) * absmax
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        value = round_to_bf16_bits(value)
-    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _rows_per_program(blocksize: int) -> int:
     return max(1, 2048 // blocksize)
-
-
-_DEQUANT_BLOCK = 1024  # bytes per program (2048 values)
 
 
 def quantize_4bit_triton(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,43 +328,6 @@ def quantize_4bit_triton(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
     return packed, absmax
 
 
-def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`~fastlora.quant.ref.dequantize_4bit_ref`, de-nesting in the kernel.
-
-    Args:
-        packed: packed 4-bit data, ``state.packed_numel`` bytes (any storage dtype).
-        state: its :class:`QuantState` (on the same device).
-        out_dtype: fp32, fp16 or bf16.
-
-    Returns:
-        Tensor of ``state.shape`` and ``out_dtype``.
-    """
-    packed = packed.reshape(-1).view(torch.uint8)
-    n = state.numel
-    out = _alloc.empty((n,), dtype=out_dtype, device=packed.device)
-    nested = state.nested
-    if nested is not None:
-        nested_absmax, nested_code, offset = nested.absmax, nested.code, nested.offset
-    else:  # unused by the kernel; any fp32 tensor will do
-        nested_absmax, nested_code, offset = state.absmax, state.code, 0.0
-    grid = (triton.cdiv(state.packed_numel, _DEQUANT_BLOCK),)
-    _dequantize_4bit_kernel[grid](
-        packed,
-        state.absmax,
-        state.code,
-        out,
-        nested_absmax,
-        nested_code,
-        offset,
-        n,
-        int(math.log2(state.blocksize)),
-        NESTED=nested is not None,
-        BLOCK=_DEQUANT_BLOCK,
-        enable_fp_fusion=False,
-    )
-    return out.view(state.shape)
-
-
 def _register_aot_specs() -> None:
     for dtype, ptr in TL_POINTER.items():
         for bs in BLOCKSIZES:
@@ -421,27 +346,6 @@ def _register_aot_specs() -> None:
                         "ROWS": "constexpr",
                     },
                     constexprs={"BLOCKSIZE": bs, "ROWS": _rows_per_program(bs)},
-                )
-            )
-        for nested in (False, True):
-            register(
-                KernelSpec(
-                    name=f"dequantize_4bit[{str(dtype)[6:]},nested={nested}]",
-                    fn=_dequantize_4bit_kernel,
-                    signature={
-                        "packed_ptr": "*u8",
-                        "absmax_ptr": "*u8" if nested else "*fp32",
-                        "code_ptr": "*fp32",
-                        "out_ptr": ptr,
-                        "nested_absmax_ptr": "*fp32",
-                        "nested_code_ptr": "*fp32",
-                        "offset": "fp32",
-                        "n": "i32",
-                        "log2_blocksize": "i32",
-                        "NESTED": "constexpr",
-                        "BLOCK": "constexpr",
-                    },
-                    constexprs={"NESTED": nested, "BLOCK": _DEQUANT_BLOCK},
                 )
             )
 
