@@ -97,3 +97,20 @@ def minilm(seed: int | None = 0):
 def minilm_tokenizer():
     """A fresh MiniLM tokenizer (callers may change its special tokens)."""
     return _transformers().AutoTokenizer.from_pretrained(minilm_path())
+
+
+def save_tiny_llama_dir(path) -> str:
+    """A tiny causal Llama (MiniLM's 30,522-token vocabulary and tokenizer, [CLS]/[SEP] as BOS/EOS, 2 layers of
+    width 32) saved with its tokenizer under ``path``, seeded 0: a ``--model`` directory for ``fastlora finetune``."""
+    transformers = _transformers()
+    tok = minilm_tokenizer()
+    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"  # a causal LM needs both
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

