@@ -30,7 +30,7 @@ from fastlora import dispatch, native
 from fastlora.functional import apply_dropout
 from fastlora.kernels import lora as lora_kernels
 from fastlora.ops import lora_paths
-from fastlora.ops.planner import OP, OP_DX, choose_path, requested_path
+from fastlora.ops.planner import OP, OP_DX, decide_path, requested_path
 from fastlora.quant import QuantArgs, QuantState, dequantize_4bit
 
 # OP, forward: y = x Wᵀ + b + s·u Bᵀ;  OP_DX, backward input gradient: dx = g W (+ d'(v A))
@@ -136,7 +136,7 @@ def _lora_linear_op(
 
 def _path(op, backend, path, m, k, n, state, dtype) -> str:
     quant = None if state is None else state.quant_type
-    return choose_path(op, None, backend, path or None, m, k, n, quant, dtype)
+    return decide_path(op, backend, path or None, m, k, n, quant, dtype)[0]
 
 
 @_lora_linear_op.register_fake

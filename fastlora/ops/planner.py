@@ -162,29 +162,16 @@ def _how(name: str, backend: str, path: str, quant: str | None, dropout: bool, g
     return deq + "one cuBLAS GEMM g·W_dq with C = d'(v·A) read in its epilogue"
 
 
-def _pass(name: str, op: str, device: torch.device, backend: str | None, path: str | None, m: int,
-          max_m: int | None, cross: Crossover, quant: str | None, dropout: bool) -> PassPlan:  # fmt: skip
+def _pass(name: str, op: str, device: torch.device, backend: str | None, path: str | None, m: int, k: int, n: int,
+          quant: str | None, dtype: torch.dtype, dropout: bool) -> PassPlan:  # fmt: skip
     choice = dispatch.choose(op, device, backend, m=m, quantized=quant is not None)
     if name == "lora_grads":
         return PassPlan(name, choice.backend, "-", _how(name, choice.backend, "-", quant, dropout), choice.reason)
-    if choice.backend == "native":
-        chosen, why = "fused", choice.reason
-        if path == "dequant_gemm":
-            why += " (path dequant_gemm requested, but the native kernel is the fused GEMV)"
-    elif choice.backend == "torch":
-        chosen, why = "dequant_gemm", choice.reason
-        if path == "fused":
-            why += " (path fused requested, but the PyTorch reference has no fused kernel)"
-    elif path is not None:
-        chosen, why = path, f"{choice.reason}; path {path} requested"
-    else:
-        chosen = "fused" if m <= max_m else "dequant_gemm"
-        rel = "<=" if chosen == "fused" else ">"
-        why = f"{choice.reason}; M={m} {rel} {max_m}, the crossover of the {cross.describe()}"
-    gemm = cross.fwd_gemm if name == "forward" else cross.dx_gemm
-    if chosen == "dequant_gemm" and choice.backend == "triton":
-        why += f"; GEMM {gemm}, the faster at training M in the {cross.describe()}"
-    return PassPlan(name, choice.backend, chosen, _how(name, choice.backend, chosen, quant, dropout, gemm), why)
+    chosen, why = decide_path(op, choice.backend, path, m, k, n, quant, dtype)
+    cross = crossover(k, n, quant, dtype)
+    gemm = cross.fwd_gemm if op == OP else cross.dx_gemm
+    how = _how(name, choice.backend, chosen, quant, dropout, gemm)
+    return PassPlan(name, choice.backend, chosen, how, f"{choice.reason}; {why}" if why else choice.reason)
 
 
 def plan(
@@ -223,21 +210,32 @@ def plan(
         raise ValueError(f"fastlora plan: dropout_p must be in [0, 1), got {dropout_p!r}")
     device = torch.device(device)
     wanted = requested_path(path)
-    cross = crossover(k, n, quant, dtype)
-    drop = dropout_p > 0
-    fwd = _pass("forward", OP, device, backend, wanted, m, cross.fwd_max_m, cross, quant, drop)
-    dx = _pass("input_grad", OP_DX, device, backend, wanted, m, cross.dx_max_m, cross, quant, drop)
-    grads = _pass("lora_grads", OP_GRADS, device, backend, wanted, m, None, cross, quant, drop)
-    return LoRAPlan(m, k, n, r, dtype, quant, str(device), dropout_p, fwd, dx, grads, cross)
+    args = (device, backend, wanted, m, k, n, quant, dtype, dropout_p > 0)
+    fwd, dx, grads = (_pass(name, op, *args) for name, op in
+                      (("forward", OP), ("input_grad", OP_DX), ("lora_grads", OP_GRADS)))  # fmt: skip
+    return LoRAPlan(m, k, n, r, dtype, quant, str(device), dropout_p, fwd, dx, grads, crossover(k, n, quant, dtype))
 
 
-def choose_path(op: str, device: torch.device, backend: str, path: str | None, m: int, k: int, n: int,
-                quant: str | None, dtype: torch.dtype) -> str:  # fmt: skip
-    """The path of one pass already dispatched to ``backend`` (what the op runs; :func:`plan` reports it)."""
-    if backend != "triton":
-        return "fused" if backend == "native" else "dequant_gemm"
+def decide_path(op: str, backend: str, path: str | None, m: int, k: int, n: int, quant: str | None,
+                dtype: torch.dtype) -> tuple[str, str]:  # fmt: skip
+    """(path, why) of one pass already dispatched to ``backend``: what the op runs and :func:`plan` reports.
+
+    Native runs the fused GEMV and the reference dequantises then multiplies, whatever is asked; on Triton the
+    request (``path``, else ``FASTLORA_PATH``) wins, else the crossover table: fused while M <= its limit."""
     wanted = requested_path(path)
-    if wanted is not None:
-        return wanted
+    if backend == "native":
+        ignored = wanted == "dequant_gemm"
+        return "fused", "path dequant_gemm requested, but the native kernel is the fused GEMV" if ignored else ""
+    if backend != "triton":
+        ignored = wanted == "fused"
+        return "dequant_gemm", "path fused requested, but the PyTorch reference has no fused kernel" if ignored else ""
     cross = crossover(k, n, quant, dtype)
-    return "fused" if m <= (cross.fwd_max_m if op == OP else cross.dx_max_m) else "dequant_gemm"
+    if wanted is not None:
+        chosen, why = wanted, f"path {wanted} requested"
+    else:
+        max_m = cross.fwd_max_m if op == OP else cross.dx_max_m
+        chosen = "fused" if m <= max_m else "dequant_gemm"
+        why = f"M={m} {'<=' if chosen == 'fused' else '>'} {max_m}, the crossover of the {cross.describe()}"
+    if chosen == "dequant_gemm":
+        why += f"; GEMM {cross.fwd_gemm if op == OP else cross.dx_gemm}, the faster at training M in that row"
+    return chosen, why
