@@ -47,9 +47,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             if torch.is_tensor(value) and value.numel():
-                storage = value.untyped_storage()
-                seen[(value.device, storage.data_ptr())] = storage.nbytes()
+                local = value.to_local() if hasattr(value, "to_local") else value  # FSDP2: this rank's shard
+                storage = local.untyped_storage()
+                seen[(local.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (a DTensor's local shard for FSDP2 parameters), or None where it has none
+    (a tensor subclass without one)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    try:
+        return local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class SavedActivations:
@@ -64,8 +75,7 @@ class SavedActivations:
     def __init__(self, model: nn.Module, *, offload: bool, count: bool) -> None:
         self.offload, self.count = offload, count
         self.peak = 0
-        self._fixed = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self._fixed |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self._fixed = {_storage_ptr(t) for t in (*model.parameters(), *model.buffers())} - {None}
         self._seen: set[int] = set()
         self._bytes = 0
 
@@ -81,13 +91,12 @@ class SavedActivations:
         self.peak = max(self.peak, self._bytes)
 
     def _pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self._fixed:
+        ptr = _storage_ptr(t)
+        if ptr is None or ptr in self._fixed:
             return t
         if self.count and ptr not in self._seen:
             self._seen.add(ptr)
-            self._bytes += storage.nbytes()
+            self._bytes += (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().nbytes()
         if not self.offload or t.device.type == "cpu":
             return t
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
