@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from models import save_tiny_llama_dir
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
@@ -47,17 +48,7 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    tok = _tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 TOPICS = ["alpha", "beta", "gamma"]
