@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastlora.modules import lora_state
 from fastlora.modules.dora import DoraAdapter, dora_factor, dora_forward, init_magnitude, is_dora
 from fastlora.modules.lora_adapter import LoraAdapter
 from fastlora.modules.requant import requantize_merged
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.quant import merge_4bit
 from fastlora.quant import QuantState, quantize_4bit
-
-_QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
 
 class FastLoRALinear(nn.Module):
@@ -65,6 +64,11 @@ class FastLoRALinear(nn.Module):
         self._stash: tuple[torch.Tensor, QuantState | None] | None = None
         self._residual: tuple[torch.Tensor, torch.Tensor] | None = None  # (R (k, K), L (N, k)) of a refit
         self._dora_merged: torch.Tensor | None = None  # (N, 1) m / ‖W + s·B A‖ of a DoRA merge, for unmerge
+        # Routes (plain callables (layer, x) -> y, never nn.Modules: no state-dict keys) that replace the forward
+        # while set: a mixed-adapter batch (per-row adapters, set for one model forward) and a fused projection
+        # group (one op for the layers that read the same input).
+        self._mixed_route = None
+        self._group_route = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, init=init,
                          use_dora=use_dora)  # fmt: skip
 
@@ -203,6 +207,10 @@ class FastLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) float -> (..., out_features) in x's (or the autocast) dtype."""
+        if self._mixed_route is not None:
+            return self._mixed_route(self, x)
+        if self._group_route is not None:
+            return self._group_route(self, x)
         self._check_input(x)
         autocast = x.device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(x.device.type)
         if autocast:
@@ -327,34 +335,14 @@ class FastLoRALinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.quant_state is not None:
-            destination.update(self.quant_state.state_dict(prefix + "weight."))
+        lora_state.save_extra(self, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
-        quant_keys = [k for k in state_dict if k.startswith(prefix + "weight.") and
-                      k[len(prefix) + 7:].startswith(_QUANT_PREFIX)]  # fmt: skip
-        if quant_keys:
-            packed = state_dict.get(prefix + "weight")
-            if packed is None:
-                raise ValueError(f"FastLoRALinear: state dict has {prefix}weight.* statistics but no {prefix}weight")
-            state = QuantState.from_state_dict(state_dict, prefix + "weight.", packed=packed)
-            if tuple(state.shape) != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"FastLoRALinear: state dict weight is {tuple(state.shape)}, the layer "
-                    f"({self.out_features}, {self.in_features})"
-                )
-            device = self.weight.device
-            self.weight = nn.Parameter(packed.to(device), requires_grad=False)
-            self.quant_state = state.to(device)
-            state_dict = {k: v for k, v in state_dict.items() if k not in quant_keys and k != prefix + "weight"}
-            missing_before = set(missing_keys)
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                          error_msgs)  # fmt: skip
-            missing_keys[:] = [k for k in missing_keys if k in missing_before or k != prefix + "weight"]
-            return
+        state_dict = lora_state.load_extra(self, state_dict, prefix, missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
+        lora_state.finish_load(self, prefix, missing_keys)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

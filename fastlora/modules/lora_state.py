@@ -1,0 +1,56 @@
+"""The state-dict keys of a :class:`~fastlora.modules.lora.FastLoRALinear` beyond its parameters: a 4-bit base's
+statistics under bitsandbytes' ``Linear4bit`` names (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``...).
+
+The layer's ``_save_to_state_dict`` / ``_load_from_state_dict`` call these, so the names live in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastlora.quant import QuantState
+
+_QUANT_PREFIX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
+
+
+def save_extra(layer, destination: dict[str, torch.Tensor], prefix: str) -> None:
+    """Add the 4-bit statistics of ``layer``'s base (if 4-bit) to ``destination`` under ``prefix + "weight."``."""
+    if layer.quant_state is not None:
+        destination.update(layer.quant_state.state_dict(prefix + "weight."))
+
+
+def load_extra(layer, state_dict: dict, prefix: str, missing_keys: list[str]) -> dict:
+    """Take a 4-bit base out of ``state_dict`` (packed ``weight`` + statistics) and install it on ``layer``.
+
+    Returns the state dict the parameters load from (without the keys consumed here). A 4-bit base whose shape
+    is not the layer's raises a ValueError naming both shapes; statistics without ``weight`` raise too.
+    """
+    layer._missing_before_load = None
+    quant_keys = [k for k in state_dict if k.startswith(prefix + "weight.") and
+                  k[len(prefix) + 7:].startswith(_QUANT_PREFIX)]  # fmt: skip
+    if not quant_keys:
+        return state_dict
+    packed = state_dict.get(prefix + "weight")
+    if packed is None:
+        raise ValueError(f"FastLoRALinear: state dict has {prefix}weight.* statistics but no {prefix}weight")
+    state = QuantState.from_state_dict(state_dict, prefix + "weight.", packed=packed)
+    if tuple(state.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(
+            f"FastLoRALinear: state dict weight is {tuple(state.shape)}, the layer "
+            f"({layer.out_features}, {layer.in_features})"
+        )
+    device = layer.weight.device
+    layer.weight = nn.Parameter(packed.to(device), requires_grad=False)
+    layer.quant_state = state.to(device)
+    layer._missing_before_load = set(missing_keys)
+    return {k: v for k, v in state_dict.items() if k not in quant_keys and k != prefix + "weight"}
+
+
+def finish_load(layer, prefix: str, missing_keys: list[str]) -> None:
+    """After the parameters loaded: the 4-bit ``weight`` consumed by :func:`load_extra` is not missing."""
+    before = getattr(layer, "_missing_before_load", None)
+    if before is None:
+        return
+    missing_keys[:] = [k for k in missing_keys if k in before or k != prefix + "weight"]
+    layer._missing_before_load = None
