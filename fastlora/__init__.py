@@ -21,7 +21,7 @@ from fastlora.methods import (
     loraplus_param_groups,
 )
 from fastlora.modules import FastAdapter, FastLoRALinear
-from fastlora.ops import LoRAPlan, adapter_forward, lora_linear, plan
+from fastlora.ops import LoRAPlan, adapter_forward, lora_linear, lora_linear_multi, plan
 from fastlora.quant import QuantState, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "load_adapters",
     "load_prompt",
     "lora_linear",
+    "lora_linear_multi",
     "loraplus_param_groups",
     "plan",
     "quantize_4bit",

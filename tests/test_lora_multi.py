@@ -1,0 +1,156 @@
+"""The mixed-adapter LoRA op (fastlora.ops.lora_multi) and its grouped kernels against a float64 row-by-row
+reference: odd shapes, 1-row and empty segments, all rows one slot, rows on the bare base (-1), different ranks
+in one pool, dense and NF4, every gradient, per-slot dropout."""
+
+import pytest
+import torch
+from helpers import FLOOR, rel_error
+
+from fastlora import lora_linear_multi
+from fastlora.functional import dropout_keep_mask
+from fastlora.kernels.lora_multi_ref import keep_rows, lora_linear_multi_ref, thresholds
+from fastlora.quant import dequantize_4bit, quantize_4bit
+
+# (M, K, N, S, R, idx pattern); K=53 (odd, blocks across rows: the general 4-bit path), K=64 aligned
+CASES = {
+    "mixed": (9, 64, 37, 5, 6, [3, 0, -1, 3, 3, 1, 0, -1, 3]),  # slot 2 and 4 empty, 1-row segment (1)
+    "one-slot": (17, 53, 45, 3, 16, [1] * 17),
+    "decode": (5, 64, 70, 8, 8, [7, 2, -1, 5, 0]),
+    "all-base": (3, 53, 20, 2, 4, [-1, -1, -1]),
+}
+
+
+def _pool(s, r, k, n, ranks):
+    """A padded pool: slot i of rank ranks[i] (zeros beyond it), one empty slot (rank 0, scale 0)."""
+    pool_a = torch.zeros(s, r, k)
+    pool_b = torch.zeros(s, n, r)
+    scales = torch.zeros(s)
+    for i, ri in enumerate(ranks):
+        pool_a[i, :ri] = torch.randn(ri, k) / k**0.5
+        pool_b[i, :, :ri] = torch.randn(n, ri) / max(ri, 1) ** 0.5
+        scales[i] = 2.0 / max(ri, 1) ** 0.5 if ri else 0.0
+    return pool_a, pool_b, scales
+
+
+def _make(case, weight_kind, dtype):
+    m, k, n, s, r, idx = CASES[case]
+    ranks = [r - (i % 3) if i % 4 != 2 else 0 for i in range(s)]  # different ranks; slot 2 empty
+    w = torch.randn(n, k) / k**0.5
+    state, stored, w_ref = None, w.to(dtype), w.to(dtype).double()
+    if weight_kind == "nf4":
+        stored, state = quantize_4bit(w.to(dtype), "nf4", 64 if k % 64 == 0 else 32, False)
+        w_ref = dequantize_4bit(stored, state, torch.float32).double()  # kernel error, not quantisation error
+    pool_a, pool_b, scales = _pool(s, r, k, n, ranks)
+    x = torch.randn(m, k)
+    bias = torch.randn(n) * 0.1
+    return x, stored, state, w_ref, bias, pool_a, pool_b, scales, torch.tensor(idx, dtype=torch.int32)
+
+
+def _run_and_check(case, weight_kind, dtype, backend, dropout, monkeypatch, path=None):
+    x, w, state, w_ref, bias, pool_a, pool_b, scales, idx = _make(case, weight_kind, dtype)
+    p = torch.tensor([0.1, 0.5, 0.0, 0.25, 0.3, 0.0, 0.2, 0.4][: scales.shape[0]]) if dropout else None
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (x, bias, pool_a, pool_b)]
+    y = lora_linear_multi(leaves[0], w, leaves[1], leaves[2], leaves[3], scales, idx, quant_state=state, dropout_p=p,
+                          seed=11, path=path)  # fmt: skip
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    def reference(cast):
+        ls = [t.detach().to(dtype).to(cast).requires_grad_() for t in (x, bias, pool_a, pool_b)]
+        out = lora_linear_multi_ref(ls[0], w_ref.to(cast), ls[1], ls[2], ls[3], scales.to(cast), idx, p, 11)
+        out.backward(g.to(cast))
+        for t in ls:  # a pool no row uses (every row on the base) gets no gradient from the loop: zero
+            t.grad = torch.zeros_like(t) if t.grad is None else t.grad
+        return out, ls
+
+    ref, ref_leaves = reference(torch.float64)
+    low, low_leaves = reference(dtype)
+    assert y.dtype == dtype and y.shape == ref.shape
+    pairs = [("y", y, ref, low)] + [
+        (name, got.grad, want.grad, own.grad)
+        for name, got, want, own in zip(("dx", "db", "dA", "dB"), leaves, ref_leaves, low_leaves, strict=True)
+    ]
+    for name, got, want, own in pairs:
+        assert got is not None and got.dtype == dtype and got.shape == want.shape, name
+        assert not torch.isnan(got).any(), f"{name}: NaN (an output left unwritten?)"
+        err, base, floor = rel_error(got, want), rel_error(own, want), FLOOR.get(dtype, 1e-12)
+        assert err <= 2 * base + floor, f"{name}: rel error {err:.2e} > 2 x torch's {base:.2e} + {floor}"
+    # unused slots (no rows) and rank padding get exactly zero gradient
+    used = set(idx[idx >= 0].tolist())
+    for i in range(scales.shape[0]):
+        if i not in used:
+            assert not leaves[2].grad[i].any() and not leaves[3].grad[i].any(), f"slot {i} has no rows"
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("weight_kind", ["dense", "nf4"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_row_matches_row_by_row_reference(case, weight_kind, dropout, monkeypatch):
+    _run_and_check(case, weight_kind, torch.float64 if weight_kind == "dense" else torch.float32, "torch", dropout,
+                   monkeypatch)  # fmt: skip
+
+
+def test_per_row_mask_is_the_single_adapter_mask():
+    """Row m of slot i keeps exactly where dropout_keep_mask at p_i keeps (the same counter-based hash)."""
+    p = torch.tensor([0.1, 0.5, 0.3])
+    idx = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    thr, _ = thresholds(p)
+    got = keep_rows((7, 29), thr[idx.long()], 123, torch.device("cpu"))
+    for i in range(3):
+        want = dropout_keep_mask((7, 29), float(p[i]), 123, "cpu")
+        assert torch.equal(got[idx == i], want[idx == i])
+
+
+def test_bad_inputs_raise_naming_what_was_expected():
+    x = torch.randn(4, 8)
+    w = torch.randn(6, 8)
+    pa, pb, sc = torch.randn(3, 2, 8), torch.randn(3, 6, 2), torch.ones(3)
+    idx = torch.tensor([0, 1, 2, -1])
+    lora_linear_multi(x, w, None, pa, pb, sc, idx)  # fine
+    cases = [
+        (dict(adapter_idx=torch.tensor([0, 1, 3, -1])), ValueError, r"\[-1, 3\)"),
+        (dict(adapter_idx=torch.tensor([0, -2, 1, 1])), ValueError, "adapter_idx values"),
+        (dict(adapter_idx=torch.tensor([0, 1, 2])), ValueError, r"\(4,\) int32/int64"),
+        (dict(adapter_idx=idx.float()), ValueError, "int32/int64"),
+        (dict(pool_b=torch.randn(3, 5, 2)), ValueError, r"pool_b must be \(S, N, R\)"),
+        (dict(pool_a=torch.randn(3, 2, 7)), ValueError, "x has K = 8"),
+        (dict(pool_a=torch.randn(2, 8)), ValueError, r"pool_a must be \(S, R, K\)"),
+        (dict(scales=torch.ones(3, dtype=torch.float64)), ValueError, "float32"),
+        (dict(scales=torch.ones(2)), ValueError, r"\(3,\) float32"),
+        (dict(pool_a=pa.half()), TypeError, "pool_a must be in x's dtype"),
+        (dict(dropout_p=torch.tensor([0.1, 1.0, 0.0])), ValueError, r"\[0, 1\)"),
+    ]
+    base = dict(adapter_idx=idx, pool_a=pa, pool_b=pb, scales=sc, dropout_p=None)
+    for change, error, match in cases:
+        a = {**base, **change}
+        with pytest.raises(error, match=match):
+            lora_linear_multi(x, w, None, a["pool_a"], a["pool_b"], a["scales"], a["adapter_idx"],
+                              dropout_p=a["dropout_p"])  # fmt: skip
+
+
+def test_compiles_fullgraph_without_graph_breaks():
+    import torch._dynamo
+
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w = torch.randn(12, 16)
+    pa = torch.randn(4, 8, 16, requires_grad=True)
+    pb = torch.randn(4, 12, 8, requires_grad=True)
+    sc = torch.rand(4)
+    idx = torch.tensor([1, 1, 1, -1, 3, 3], dtype=torch.int32)
+
+    def f(x, pa, pb, idx):
+        return lora_linear_multi(x, w, None, pa, pb, sc, idx, dropout_p=torch.full((4,), 0.1), seed=3).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x, pa, pb, idx)
+    got.backward()
+    grads = [t.grad.clone() for t in (x, pa, pb)]
+    for t in (x, pa, pb):
+        t.grad = None
+    want = f(x, pa, pb, idx)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, (x.grad, pa.grad, pb.grad), strict=True):
+        torch.testing.assert_close(a, b)
