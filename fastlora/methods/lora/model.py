@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastlora.methods.fingerprint import base_fingerprint, check_integrity
+from fastlora.methods.lora import multi
 from fastlora.methods.lora.config import LoraConfig
 from fastlora.methods.lora.files import PREFIX, read_lora_dir, save_lora_files
 from fastlora.methods.lora.init import changes_base, convert_to_plain_lora, init_layer
@@ -140,6 +141,16 @@ class LoraModel(WrappedModel):
     def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """peft's name for :meth:`disable`."""
         return self.disable()
+
+    # many adapters on one base: methods/lora/multi.py
+    def forward(self, *args, adapter_names=None, adapter_index=None, **kwargs):
+        return multi.forward(self, args, kwargs, adapter_names, adapter_index)
+
+    def generate(self, *args, adapter_names=None, adapter_index=None, **kwargs):
+        return multi.generate(self, args, kwargs, adapter_names, adapter_index)
+
+    adapter_slot, adapter_slots, mixed_batch = multi.adapter_slot, multi.adapter_slots, multi.mixed_batch
+    train_adapters, hot_swap, unload_slot = multi.train_adapters, multi.hot_swap, multi.unload_slot
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
