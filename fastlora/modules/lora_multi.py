@@ -35,6 +35,7 @@ from torch import nn
 
 from fastlora.modules.dora import is_dora
 from fastlora.ops.lora import lora_linear
+from fastlora.ops.lora_multi import lora_linear_multi
 
 
 class MixedBatch:
@@ -198,33 +199,5 @@ def mixed_forward(batch: MixedBatch, layer: nn.Module, x: torch.Tensor) -> torch
         pool_a, pool_b, scales, dropout = pool.a, pool.b, pool.scales, pool.dropout
     use_dropout = layer.training and any(a is not None and a.lora_dropout > 0 for a in adapters)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if use_dropout else 0
-    return _multi_op()(x, weight, bias, pool_a, pool_b, scales, idx, quant_state=layer.quant_state,
-                       dropout_p=dropout if use_dropout else None, seed=seed)  # fmt: skip
-
-
-def _multi_op():
-    try:
-        from fastlora.ops.lora_multi import lora_linear_multi
-    except ImportError:  # the grouped op is not in this tree yet: the plain PyTorch form of the same math
-        return _reference_multi
-    return lora_linear_multi
-
-
-def _reference_multi(x, weight, bias, pool_a, pool_b, scales, idx, *, quant_state=None, dropout_p=None, seed=0):
-    """``y[m] = x[m] Wᵀ + b + scales[i] · d_i(x[m]) A_iᵀ B_iᵀ`` in plain PyTorch (differentiable, fp32 LoRA sum)."""
-    from fastlora.functional import dropout_keep_mask
-
-    k, n = x.shape[-1], pool_b.shape[1]
-    base = lora_linear(x, weight, bias, x.new_zeros((0, k)), x.new_zeros((n, 0)), 0.0, quant_state=quant_state)
-    x2 = x.reshape(-1, k)
-    slot = idx.long().clamp(min=0)
-    if dropout_p is not None:
-        kept = torch.ones_like(x2)
-        for s, p in enumerate(dropout_p.tolist()):
-            if p > 0:
-                mask = dropout_keep_mask(tuple(x2.shape), p, seed, x.device).to(x.dtype) / (1.0 - p)
-                kept = torch.where((slot == s)[:, None], mask, kept)
-        x2 = x2 * kept
-    u = torch.einsum("mk,mrk->mr", x2.float(), pool_a[slot].float())
-    term = torch.einsum("mr,mnr->mn", u, pool_b[slot].float()) * (scales[slot] * (idx >= 0))[:, None]
-    return base + term.to(x.dtype).reshape(base.shape)
+    return lora_linear_multi(x, weight, bias, pool_a, pool_b, scales, idx, quant_state=layer.quant_state,
+                             dropout_p=dropout if use_dropout else None, seed=seed)  # fmt: skip
