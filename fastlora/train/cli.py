@@ -96,7 +96,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     ranges = {name: wanted for name, _, _, wanted in NUMERIC_FIELDS}
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "progress":
+        if f.name in ("progress", "jobs"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name in _BOOL:
@@ -144,6 +144,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "chunked_ce": ("on", "off"), "packing": ("on", "off")}.get(f.name)  # fmt: skip
         text = with_default(help_[f.name], defaults[f.name], ranges.get(f.name))  # the range TrainConfig checks
         p.add_argument(flag, type=kind, default=None, choices=choices, help=text)
+    p.add_argument("--job", action="append", metavar="NAME=DATA[,key=value...]", help="a LoRA job (repeat it): "
+                   "its adapter NAME, its DATA file and settings of its own (lr, r, alpha, dropout, targets (a|b), "
+                   "epochs, steps, batch, weight_decay, warmup, schedule, max_grad_norm, patience, eval_every, val, "
+                   "val_split); the jobs train together on one frozen base (default: one run on --data)")  # fmt: skip
+    p.add_argument("--jobs", metavar="FILE", help="the jobs as JSON or YAML: a list of {name, data, key: value} or "
+                   "a mapping NAME -> settings (default: none)")  # fmt: skip
     p.add_argument("--config", help="YAML file of settings (field names as keys); flags override it (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (default: a bar)")
     p.add_argument("--summary-json", help="also write the final summary to this file (checked before training; "
@@ -184,6 +190,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["target_modules"] = args.target_modules.split(",")
     if args.no_progress:
         overrides["progress"] = False
+    if getattr(args, "job", None) or getattr(args, "jobs", None):
+        from fastlora.train.jobs import parse_job, read_jobs_file
+
+        listed = read_jobs_file(args.jobs) if args.jobs else []
+        overrides["jobs"] = listed + [parse_job(text) for text in args.job or ()]
     if args.config:
         return TrainConfig.from_yaml(args.config, **overrides)
     return TrainConfig(**overrides)

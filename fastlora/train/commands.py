@@ -66,9 +66,11 @@ def _finetune(args) -> int:
     if args.summary_json:
         guards.check_file_destination(args.summary_json, "--summary-json", _is_summary, "a fastlora summary")
     console = _console()
+    if cfg.jobs:  # several LoRA jobs on one frozen base
+        from fastlora.train.multijob import MultiJobTrainer as Trainer
     summary = Trainer(cfg, console=console).run()
     if int(os.environ.get("RANK", "0")) == 0:
-        print_summary(console, [summary])
+        print_summary(console, getattr(summary, "per_job", None) or [summary])
         if args.summary_json:
             from fastlora.methods.files import atomic_write
 

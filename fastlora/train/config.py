@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from fastlora.train.jobs import normalize_jobs
 from fastlora.train.methods import DEFAULT_LR, INITS, METHODS, RECIPES
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")  # torch's AdamW, then bitsandbytes'
@@ -81,9 +82,11 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds another run (its files are deleted)
     fsdp: bool = False
     progress: bool = True
+    jobs: Any = None  # several LoRA jobs on one base: a list of job mappings (train/jobs.py, train/multijob.py)
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        self.jobs = normalize_jobs(self.jobs)
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.schedule in ("cosine", "linear", "constant"), f"schedule {self.schedule!r} unknown"),

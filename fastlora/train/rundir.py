@@ -30,7 +30,7 @@ from fastlora.train.runtime import Dist, TrainingError
 
 LOCK_NAME = ".fastlora.lock"
 # what a run writes into its output directory: --overwrite deletes these and nothing else
-RUN_FILES = ("checkpoints", "adapter", "best", "metrics.jsonl", "summary.json", "tensorboard")
+RUN_FILES = ("checkpoints", "adapter", "best", "metrics.jsonl", "summary.json", "tensorboard", "jobs")  # jobs: multijob
 ARTIFACTS = ("adapter", "best")  # published by replace_dir: name.tmp-XXXX while written, name.old while replaced
 STEP = re.compile(r"step-\d+")
 
