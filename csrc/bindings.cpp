@@ -28,6 +28,9 @@ const char* kSchemas[] = {
     "gemv_4bit_native(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
     "Tensor? nested_code, float nested_offset, int blocksize, int out_features, Tensor? bias, Tensor? lora_a, "
     "Tensor? lora_b, Tensor? lora_u, float scale) -> Tensor",
+    "gemv_4bit_multi_native(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, "
+    "Tensor? nested_code, float nested_offset, int blocksize, int out_features, Tensor? bias, Tensor lora_u, "
+    "Tensor pool_b, Tensor scales, Tensor adapter_idx) -> Tensor",
     "merge_4bit_native(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
     "float nested_offset, int blocksize, Tensor lora_a, Tensor lora_b, float scale, ScalarType out_dtype) -> Tensor",
 };
@@ -131,6 +134,47 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   return y;
 }
 
+at::Tensor gemv_4bit_multi_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                               int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,
+                               const at::Tensor& pool_b, const at::Tensor& scales, const at::Tensor& adapter_idx) {
+  const char* op = "gemv_4bit_multi_native";
+  check_cpu(op, x);
+  const GemvMultiShape s = check_gemv_multi(op, x, packed, out_features, bias, lora_u, pool_b, scales, adapter_idx);
+  const AbsmaxRef am = check_quant_state(op, packed, absmax, code, nested_absmax, nested_code, nested_offset,
+                                         blocksize, s.N * s.K);
+  const int32_t* idx = adapter_idx.const_data_ptr<int32_t>();
+  for (int64_t m = 0; m < s.M; ++m)
+    TORCH_CHECK_VALUE(idx[m] >= -1 && idx[m] < s.S, "fastlora ", op, ": adapter_idx[", m, "] = ", idx[m],
+                      " is not a slot of the pool: expected -1 (the bare base) or 0 <= i < ", s.S);
+  at::Tensor y = new_output({s.M, s.N}, x.options());
+  if (s.M == 0) return y;
+  cpu::GemvArgs args{};
+  args.x = x.const_data_ptr();
+  args.ldx = s.M > 1 ? x.stride(0) : s.K;
+  args.dtype = to_dtype(x.scalar_type());
+  args.M = s.M;
+  args.N = s.N;
+  args.K = s.K;
+  args.packed = static_cast<const uint8_t*>(packed.const_data_ptr());
+  args.absmax = am;
+  args.code = code.const_data_ptr<float>();
+  args.blocksize = static_cast<int>(blocksize);
+  args.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  if (s.R > 0 && s.S > 0) {  // rank 0 or no slot: the base alone
+    args.lora_b = pool_b.const_data_ptr();
+    args.lora_u = lora_u.const_data_ptr();
+    args.r = s.R;
+    args.lora_idx = idx;
+    args.lora_scales = scales.const_data_ptr<float>();
+    args.slots = s.S;
+  }
+  args.y = y.mutable_data_ptr();
+  cpu::gemv_4bit(args, at::get_num_threads());
+  return y;
+}
+
 at::Tensor merge_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                           double nested_offset, int64_t blocksize, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -178,6 +222,7 @@ TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
   m.impl("quantize_blockwise_native", &fastlora::quantize_blockwise_cpu);
   m.impl("dequantize_4bit_native", &fastlora::dequantize_4bit_cpu);
   m.impl("gemv_4bit_native", &fastlora::gemv_4bit_cpu);
+  m.impl("gemv_4bit_multi_native", &fastlora::gemv_4bit_multi_cpu);
   m.impl("merge_4bit_native", &fastlora::merge_4bit_cpu);
 }
 

@@ -90,6 +90,51 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   return y;
 }
 
+at::Tensor gemv_4bit_multi_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
+                                int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,
+                                const at::Tensor& pool_b, const at::Tensor& scales, const at::Tensor& adapter_idx) {
+  const char* op = "gemv_4bit_multi_native";
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GemvMultiShape s = check_gemv_multi(op, x, packed, out_features, bias, lora_u, pool_b, scales, adapter_idx);
+  TORCH_CHECK_VALUE(s.M <= cuda::kMaxM, "fastlora ", op, ": the CUDA decode kernel takes at most ", cuda::kMaxM,
+                    " rows of x, got ", s.M);
+  TORCH_CHECK_VALUE(s.R <= std::numeric_limits<int>::max() && s.S <= std::numeric_limits<int>::max(), "fastlora ",
+                    op, ": pool_b of shape ", pool_b.sizes(), " is too large");
+  const AbsmaxRef am = check_quant_state(op, packed, absmax, code, nested_absmax, nested_code, nested_offset,
+                                         blocksize, s.N * s.K);
+  // The index values are not read back here (a device sync per call): the kernel skips a row whose
+  // slot is outside [0, S); fastlora.native.gemv_4bit_multi checks them in eager mode.
+  at::Tensor y = new_output({s.M, s.N}, x.options());
+  if (s.M == 0) return y;
+  cuda::GemvParams p{};
+  p.x = x.const_data_ptr();
+  p.ldx = s.M > 1 ? x.stride(0) : s.K;
+  p.dtype = to_dtype(x.scalar_type());
+  p.M = static_cast<int>(s.M);
+  p.N = s.N;
+  p.K = s.K;
+  p.packed = static_cast<const uint8_t*>(packed.const_data_ptr());
+  p.absmax = am;
+  p.code = code.const_data_ptr<float>();
+  p.blocksize = static_cast<int>(blocksize);
+  p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  if (s.R > 0 && s.S > 0) {  // rank 0 or no slot: the base alone
+    p.lora_b = pool_b.const_data_ptr();
+    p.lora_u = lora_u.const_data_ptr();
+    p.r = static_cast<int>(s.R);
+    p.lora_idx = adapter_idx.const_data_ptr<int32_t>();
+    p.lora_scales = scales.const_data_ptr<float>();
+    p.slots = static_cast<int>(s.S);
+  }
+  p.scale = 1.0f;
+  p.y = y.mutable_data_ptr();
+  check_launch(op, cuda::gemv_4bit(p, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
 at::Tensor merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
                            const std::optional<at::Tensor>& nested_absmax,
                            const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
@@ -127,5 +172,6 @@ at::Tensor merge_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, c
 TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("dequantize_4bit_native", &fastlora::dequantize_4bit_cuda);
   m.impl("gemv_4bit_native", &fastlora::gemv_4bit_cuda);
+  m.impl("gemv_4bit_multi_native", &fastlora::gemv_4bit_multi_cuda);
   m.impl("merge_4bit_native", &fastlora::merge_4bit_cuda);
 }

@@ -178,6 +178,42 @@ inline GemvShape check_gemv(const char* op, const at::Tensor& x, const at::Tenso
   return s;
 }
 
+// Shapes of a grouped 4-bit GEMV y[m] = x[m] Wᵀ + bias + scales[i] · u[m] B_iᵀ, i = adapter_idx[m]
+// (see gemv_4bit_multi_native's schema): u (M, R) and pool_b (S, N, R) in x's dtype, scales (S,)
+// fp32, adapter_idx (M,) int32, all contiguous on x's device. The index values are checked by
+// the CPU binding (the CUDA kernel skips rows whose slot is outside [0, S)).
+struct GemvMultiShape {
+  int64_t M, N, K, R, S;
+};
+
+inline GemvMultiShape check_gemv_multi(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                       int64_t out_features, const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& lora_u, const at::Tensor& pool_b, const at::Tensor& scales,
+                                       const at::Tensor& adapter_idx) {
+  const GemvShape g = check_gemv(op, x, packed, out_features, bias, std::nullopt, std::nullopt, std::nullopt);
+  const at::Device device = x.device();
+  TORCH_CHECK_VALUE(pool_b.dim() == 3 && pool_b.size(1) == g.N, "fastlora ", op, ": pool_b must have shape (S, ",
+                    g.N, ", R), got ", pool_b.sizes());
+  check_device(op, "pool_b", pool_b, device);
+  check_dtype(op, "pool_b", pool_b, x.scalar_type());
+  check_contiguous(op, "pool_b", pool_b);
+  GemvMultiShape s{g.M, g.N, g.K, pool_b.size(2), pool_b.size(0)};
+  check_operand(op, "lora_u", lora_u, device, x.scalar_type(), s.M, s.R);
+  TORCH_CHECK_VALUE(lora_u.size(1) == s.R, "fastlora ", op, ": lora_u must have shape (", s.M, ", ", s.R,
+                    ") (R = pool_b.size(2)), got ", lora_u.sizes());
+  check_device(op, "scales", scales, device);
+  check_dtype(op, "scales", scales, at::kFloat);
+  check_contiguous(op, "scales", scales);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == s.S, "fastlora ", op, ": scales must have shape (", s.S,
+                    ",) (one per slot of pool_b), got ", scales.sizes());
+  check_device(op, "adapter_idx", adapter_idx, device);
+  check_dtype(op, "adapter_idx", adapter_idx, at::kInt);
+  check_contiguous(op, "adapter_idx", adapter_idx);
+  TORCH_CHECK_VALUE(adapter_idx.dim() == 1 && adapter_idx.size(0) == s.M, "fastlora ", op,
+                    ": adapter_idx must have shape (", s.M, ",) (one slot per row of x), got ", adapter_idx.sizes());
+  return s;
+}
+
 // Shapes of a merge dequant(W) + scale · B A: lora_a (r, K), lora_b (N, r), one float dtype.
 struct MergeShape {
   int64_t N, K, r;

@@ -381,11 +381,24 @@ void gemv_impl(const GemvArgs& g, int threads) {
   using raw = typename E::raw;
   const int64_t M = g.M, N = g.N, K = g.K, r = g.r;
   const std::vector<float> x = to_f32<E>(g.x, M, K, g.ldx);
-  // su = scale · u (M, r), fp32: u = x Aᵀ computed here, or given.
+  // Row m's B (N, r): the one B, or its slot's B in the pool; nullptr: no LoRA term for the row.
+  std::vector<const raw*> row_b(static_cast<size_t>(M), static_cast<const raw*>(g.lora_b));
+  // su = scale · u (M, r), fp32: u = x Aᵀ computed here, or given; with a pool, each row's scale.
   std::vector<float> su;
   if (g.lora_b != nullptr) {
     su.assign(static_cast<size_t>(M * r), 0.0f);
-    if (g.lora_a != nullptr) {
+    if (g.lora_idx != nullptr) {
+      const auto* u = static_cast<const raw*>(g.lora_u);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t i = g.lora_idx[m];
+        if (i < 0 || i >= g.slots) {
+          row_b[m] = nullptr;
+          continue;
+        }
+        row_b[m] += i * N * r;
+        for (int64_t j = 0; j < r; ++j) su[m * r + j] = g.lora_scales[i] * E::load(u[m * r + j]);
+      }
+    } else if (g.lora_a != nullptr) {
       const std::vector<float> a = to_f32<E>(g.lora_a, r, K, K);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < r; ++j) su[m * r + j] = g.scale * dot(&x[m * K], &a[j * K], K);
@@ -395,7 +408,6 @@ void gemv_impl(const GemvArgs& g, int threads) {
     }
   }
   const auto* bias = static_cast<const raw*>(g.bias);
-  const auto* lora_b = static_cast<const raw*>(g.lora_b);
   auto* y = static_cast<raw*>(g.y);
 
   // K is walked in chunks so that the chunk of x (M rows, fp32) stays in L2 while every row of
@@ -423,7 +435,7 @@ void gemv_impl(const GemvArgs& g, int threads) {
       const float b = bias != nullptr ? E::load(bias[n]) : 0.0f;
       for (int64_t m = 0; m < M; ++m) {
         float v = acc[(n - n0) * M + m] + b;
-        if (lora_b != nullptr) {
+        if (const raw* lora_b = row_b[m]; lora_b != nullptr) {
           float l = 0.0f;
           for (int64_t j = 0; j < r; ++j) l += su[m * r + j] * E::load(lora_b[n * r + j]);
           v += l;

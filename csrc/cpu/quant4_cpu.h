@@ -35,6 +35,9 @@ void dequantize_4bit(const uint8_t* packed, const AbsmaxRef& absmax, const float
                      void* out, DType out_dtype, int threads);
 
 // y = x Wᵀ + bias + scale · u Bᵀ, W (N, K) 4-bit. u = x Aᵀ (given lora_a) or given (lora_u).
+// Grouped (many adapters, lora_idx given): lora_b is a pool (slots, N, r), lora_u (M, r) is given,
+// and row m adds lora_scales[i] · u[m] B_iᵀ for its slot i = lora_idx[m]; none for i outside
+// [0, slots) (-1: the bare base). `scale` is unused then.
 struct GemvArgs {
   const void* x;  // (M, K) of dtype, rows `ldx` apart
   int64_t ldx;
@@ -51,6 +54,9 @@ struct GemvArgs {
   int64_t r;
   float scale;
   void* y;  // (M, N) out, contiguous
+  const int32_t* lora_idx;   // (M,) slot of each row, or nullptr (one adapter)
+  const float* lora_scales;  // (slots,) fp32, with lora_idx
+  int64_t slots;
 };
 void gemv_4bit(const GemvArgs& args, int threads);
 

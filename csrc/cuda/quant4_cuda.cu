@@ -18,7 +18,8 @@
 //   views), codes from a 16-entry shared-memory table (16 banks: conflict-free), the products
 //   summed per chunk in code units and scaled once; M accumulators (MT, M rounded up to a power
 //   of two) in registers, reduced with warp shuffles.
-// - the LoRA term: with u given it is added in the epilogue; with A given the r rows of A are
+// - the LoRA term: with u given it is added in the epilogue (with a pool of adapters, each row's
+//   slot index is read there and picks its B_i and s_i: base + every adapter in one launch); with A given the r rows of A are
 //   extra tasks of a cooperative grid (u = x Aᵀ into a scratch buffer while the W rows stream
 //   into y_partial), then one grid-wide sync and an epilogue pass: still a single launch.
 #include <cooperative_groups.h>
@@ -193,9 +194,18 @@ __device__ __forceinline__ void finish_output(const GemvParams& p, int m, int64_
   if (p.lora_b != nullptr) {
     const T* __restrict__ lora_b = static_cast<const T*>(p.lora_b);
     const T* __restrict__ lora_u = static_cast<const T*>(p.lora_u);
-    float l = 0.0f;
-    for (int j = 0; j < p.r; ++j) l = fmaf(to_f32(lora_u[m * p.r + j]), to_f32(lora_b[n * p.r + j]), l);
-    v = fmaf(p.scale, l, v);
+    float scale = p.scale;
+    bool term = true;
+    if (p.lora_idx != nullptr) {  // many adapters: the row's slot picks B_i and s_i from the pool
+      const int i = __ldg(p.lora_idx + m);
+      term = i >= 0 && i < p.slots;  // -1: the bare base (anything else out of range: no term, no stray read)
+      if (term) lora_b += static_cast<int64_t>(i) * p.N * p.r, scale = __ldg(p.lora_scales + i);
+    }
+    if (term) {
+      float l = 0.0f;
+      for (int j = 0; j < p.r; ++j) l = fmaf(to_f32(lora_u[m * p.r + j]), to_f32(lora_b[n * p.r + j]), l);
+      v = fmaf(scale, l, v);
+    }
   }
   static_cast<T*>(p.y)[m * p.N + n] = from_f32<T>(v);
 }
@@ -572,6 +582,8 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const AbsmaxRef& absmax, cons
 cudaError_t gemv_4bit(const GemvParams& p, cudaStream_t stream) {
   if (p.M <= 0 || p.N <= 0) return cudaSuccess;
   if (p.M > kMaxM || p.K <= 0 || (p.lora_b != nullptr && p.r <= 0)) return cudaErrorInvalidValue;
+  if (p.lora_idx != nullptr && (p.lora_a != nullptr || p.lora_u == nullptr || p.lora_scales == nullptr))
+    return cudaErrorInvalidValue;  // a pool takes u precomputed
   const int es = element_size(p.dtype);
   const bool x_vec = aligned(p.x, 16) && (p.ldx * es) % 16 == 0 && p.K % 8 == 0;
   const bool w_vec = x_vec && p.K % 32 == 0 && aligned(p.packed, 16);

@@ -24,6 +24,9 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const AbsmaxRef& absmax, cons
 //   lora_a given: u = x Aᵀ is computed in the same launch (cooperative: the A rows are extra
 //     tasks of the same grid, then one grid-wide sync before the epilogue), which needs the
 //     scratch buffers `su` (M * r fp32) and `y_partial` (M * N fp32).
+//   lora_idx given (many adapters): lora_b is a pool (slots, N, r), lora_u (M, r) is given, and
+//     row m adds lora_scales[i] · u[m] B_iᵀ for its slot i = lora_idx[m] in the epilogue; none for
+//     i outside [0, slots) (-1: the bare base). `scale` is unused then; lora_a must be nullptr.
 struct GemvParams {
   const void* x;  // (M, K), rows ldx elements apart
   int64_t ldx;
@@ -43,6 +46,9 @@ struct GemvParams {
   void* y;           // (M, N), contiguous
   float* su;         // scratch (M, r), only with lora_a
   float* y_partial;  // scratch (M, N), only with lora_a
+  const int32_t* lora_idx;   // (M,) slot of each row, or nullptr (one adapter)
+  const float* lora_scales;  // (slots,) fp32, with lora_idx
+  int slots;
 };
 cudaError_t gemv_4bit(const GemvParams& params, cudaStream_t stream);
 

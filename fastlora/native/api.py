@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastlora.native import loader
-from fastlora.native.ref import gemv_4bit_ref, merge_4bit_ref
+from fastlora.native.ref import gemv_4bit_multi_ref, gemv_4bit_ref, merge_4bit_ref
 from fastlora.quant.api import dequantize_4bit, quantize_4bit
 from fastlora.quant.codes import get_bounds
 from fastlora.quant.ref import _blockwise_lut, quantize_4bit_ref, quantize_blockwise_ref
@@ -192,6 +192,123 @@ def gemv_4bit(
             _contiguous(lora_b), _contiguous(u2), float(scale),
         )  # fmt: skip
     return y.view(*lead, n)
+
+
+def gemv_4bit_multi(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    quant_state: QuantState,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    pool_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_idx: torch.Tensor,
+    *,
+    check_index: bool = True,
+) -> torch.Tensor:
+    """``y[m] = x[m] Wᵀ + bias + scales[i] · u[m] B_iᵀ`` with ``i = adapter_idx[m]``: a 4-bit base and every
+    row's own adapter in one native kernel (no LoRA term for a row of slot -1, the bare base).
+
+    The grouped (BGMV-style) decode GEMV: W is read once and dequantised in registers (on CPU each
+    dequantised row of W serves every row of x), the products accumulate in fp32, and the epilogue
+    reads each row's slot once and adds its gathered ``B_i`` term; y is rounded once. On CUDA at
+    most :data:`MAX_DECODE_M` rows; on CPU any M.
+
+    Args:
+        x: (..., K) fp32/fp16/bf16; M = prod of the leading dims.
+        packed_weight: the packed data of W, described by ``quant_state`` (shape (N, K)), on x's device.
+        quant_state: :class:`QuantState` of W.
+        bias: (N,) in x's dtype, or None.
+        u: (..., R) (M rows) in x's dtype: ``d_i(x[m]) A_iᵀ``, already computed (zero rows for slot -1).
+        pool_b: (S, N, R) in x's dtype: slot i's B in ``pool_b[i]`` (zero-padded past its rank).
+        scales: (S,) fp32: slot i's LoRA scaling.
+        adapter_idx: (M,) int32/int64: each row's slot in [0, S), or -1 for the bare base.
+        check_index: check the index values (a device sync on CUDA; skipped under torch.compile). The
+            CUDA kernel skips a row whose slot is out of range instead of reading past the pool.
+
+    Returns:
+        (..., N) in x's dtype. Without the native kernel: the same through :func:`gemv_4bit_multi_ref`
+        in fp32, after one warning.
+    """
+    where = "gemv_4bit_multi"
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"fastlora {where}: x must be a float32/float16/bfloat16 tensor, got {got}")
+    n, k = _check_quant_state(where, packed_weight, quant_state)
+    if x.dim() == 0 or x.shape[-1] != k:
+        got = tuple(x.shape)
+        raise ValueError(f"fastlora {where}: x must be (..., {k}) for a weight of shape ({n}, {k}), got {got}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    u2, idx = _check_multi_operands(where, x, n, m, bias, u, pool_b, scales, adapter_idx, packed_weight)
+    if x.is_cuda and m > MAX_DECODE_M:
+        raise ValueError(
+            f"fastlora {where}: the CUDA decode kernel takes at most {MAX_DECODE_M} rows of x, got {m} "
+            "(use fastlora.ops.lora_multi.lora_linear_multi for larger batches)"
+        )
+    s = pool_b.shape[0]
+    if check_index and idx.numel() > 0 and not torch.compiler.is_compiling():
+        bad = (idx < -1) | (idx >= s)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"fastlora {where}: adapter_idx[{pos}] = {int(idx[pos])} is not a slot of the pool: expected -1 "
+                f"(the bare base) or 0 <= i < {s} (pool_b has {s} slots)"
+            )
+    ops = loader.ops(x.device, "grouped GEMV")
+    if ops is not None and not hasattr(ops, "gemv_4bit_multi_native"):
+        loader._warn_once(
+            "fastlora: the loaded native extension has no gemv_4bit_multi_native (built from older sources); "
+            "the grouped GEMV falls back to the PyTorch reference"
+        )
+        ops = None
+    if ops is None:
+        y = gemv_4bit_multi_ref(x2, packed_weight, quant_state, bias, u2, pool_b, scales, idx)
+    else:
+        y = ops.gemv_4bit_multi_native(
+            x2, packed_weight.reshape(-1), *_state_args(quant_state), n, _contiguous(bias), _contiguous(u2),
+            _contiguous(pool_b), _contiguous(scales), _contiguous(idx),
+        )  # fmt: skip
+    return y.view(*lead, n)
+
+
+def _check_multi_operands(where, x, n, m, bias, u, pool_b, scales, adapter_idx, packed):
+    """Dtypes, shapes and devices of gemv_4bit_multi's LoRA operands; returns u as (M, R) and the index as int32."""
+    named = {"bias": bias, "u": u, "pool_b": pool_b, "scales": scales, "adapter_idx": adapter_idx}
+    for name, t in named.items():
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastlora {where}: {name} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"fastlora {where}: {name} is on {t.device}, expected x's device {x.device}")
+    if packed.device != x.device:
+        raise ValueError(f"fastlora {where}: x is on {x.device}, the weight on {packed.device}")
+    for name, t in (("bias", bias), ("u", u), ("pool_b", pool_b)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"fastlora {where}: {name} must be {x.dtype} (x's dtype), got {t.dtype}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"fastlora {where}: scales must be float32, got {scales.dtype}")
+    if adapter_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"fastlora {where}: adapter_idx must be int32 or int64, got {adapter_idx.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fastlora {where}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if pool_b.dim() != 3 or pool_b.shape[1] != n:
+        raise ValueError(f"fastlora {where}: pool_b must have shape (S, {n}, R), got {tuple(pool_b.shape)}")
+    s, r = pool_b.shape[0], pool_b.shape[2]
+    if tuple(scales.shape) != (s,):
+        raise ValueError(f"fastlora {where}: scales must have shape ({s},) (one per slot), got {tuple(scales.shape)}")
+    if u.dim() == 0 or u.shape[-1] != r or u.numel() != m * r:
+        raise ValueError(f"fastlora {where}: u must have shape ({m}, {r}) (M rows of rank R), got {tuple(u.shape)}")
+    if tuple(adapter_idx.shape) != (m,):
+        raise ValueError(
+            f"fastlora {where}: adapter_idx must have shape ({m},) (one slot per row of x), got "
+            f"{tuple(adapter_idx.shape)}"
+        )
+    return u.reshape(m, r), adapter_idx.to(torch.int32)
 
 
 def merge_4bit(

@@ -280,6 +280,13 @@ def _register_fakes() -> None:
           lora_b, lora_u, scale):  # fmt: skip
         return x.new_empty((x.shape[0], out_features))
 
+    if hasattr(torch.ops.fastlora, "gemv_4bit_multi_native"):  # absent from a module built before it
+
+        @torch.library.register_fake("fastlora::gemv_4bit_multi_native")
+        def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features, bias, lora_u,
+              pool_b, scales, adapter_idx):  # fmt: skip
+            return x.new_empty((x.shape[0], out_features))
+
     @torch.library.register_fake("fastlora::merge_4bit_native")
     def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, lora_a, lora_b, scale,
           out_dtype):  # fmt: skip
