@@ -17,6 +17,15 @@ CASES = {
     "one-slot": (17, 53, 45, 3, 16, [1] * 17),
     "decode": (5, 64, 70, 8, 8, [7, 2, -1, 5, 0]),
     "all-base": (3, 53, 20, 2, 4, [-1, -1, -1]),
+    # 33 rows (segment-grouped): slot 0 one row, slots 2 and 4 empty, base rows, interleaved
+    "segments": (
+        33,
+        64,
+        29,
+        6,
+        8,
+        [5, 3, -1, 5, 1, 3, 3, 5, 0, 1, 5, 3, -1, 3, 5, 1, 3, 3, 5, 1, 3, 5, 3, -1, 5, 1, 3, 5, 3, 1, 3, 5, 3],
+    ),
 }
 
 
@@ -85,10 +94,33 @@ def _run_and_check(case, weight_kind, dtype, backend, dropout, monkeypatch, path
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("weight_kind", ["dense", "nf4"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["mixed", "one-slot", "all-base", "segments"])
 def test_torch_row_matches_row_by_row_reference(case, weight_kind, dropout, monkeypatch):
     _run_and_check(case, weight_kind, torch.float64 if weight_kind == "dense" else torch.float32, "torch", dropout,
                    monkeypatch)  # fmt: skip
+
+
+# The Triton row under the interpreter: gathered u (M <= 16) and segment-grouped u (M = 17, 33); the fused
+# one-launch forward (aligned and general 4-bit, dense) and the scratch + GEMM path; one dtype sweep.
+TRITON_CASES = [
+    ("mixed", "nf4", torch.float32, True, None),
+    ("mixed", "dense", torch.bfloat16, False, None),
+    ("decode", "nf4", torch.float16, False, "fused"),
+    ("one-slot", "nf4", torch.float32, False, "fused"),
+    ("all-base", "dense", torch.float32, False, None),
+    ("segments", "nf4", torch.float32, True, "dequant_gemm"),
+    ("segments", "dense", torch.float16, True, "fused"),
+    ("segments", "nf4", torch.bfloat16, False, "dequant_gemm"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "weight_kind", "dtype", "dropout", "path"),
+    TRITON_CASES,
+    ids=[f"{c}-{w}-{str(d)[6:]}-{'drop' if p else 'nodrop'}-{x}" for c, w, d, p, x in TRITON_CASES],
+)
+def test_triton_row_matches_float64_reference(case, weight_kind, dtype, dropout, path, monkeypatch):
+    _run_and_check(case, weight_kind, dtype, "triton", dropout, monkeypatch, path=path)
 
 
 def test_per_row_mask_is_the_single_adapter_mask():

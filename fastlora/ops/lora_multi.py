@@ -33,7 +33,10 @@ from __future__ import annotations
 import torch
 
 from fastlora import dispatch
+from fastlora.kernels import lora_multi as kernels
+from fastlora.kernels import lora_multi_fused, lora_multi_specs  # noqa: F401  (the specs register on import)
 from fastlora.kernels import lora_multi_ref as ref
+from fastlora.ops import scratch
 from fastlora.ops.lora import _check_code_table, _dense_weight
 from fastlora.ops.planner import OP as _OP_SINGLE
 from fastlora.ops.planner import OP_DX as _OP_SINGLE_DX
@@ -62,6 +65,33 @@ def _dx_torch(grad, weight, state, v, pool_a, idx, dropout_p, seed, path=None):
 
 dispatch.register(OP_DOWN, "torch")(ref.multi_down)
 dispatch.register(OP_GRADS, "torch")(ref.multi_grads)
+
+
+# -- the Triton rows (CUDA default; CPU tensors under TRITON_INTERPRET=1 when asked for) --------------------------
+
+_triton = {"devices": ("cuda",), "default_on": ("cuda",)}
+
+
+@dispatch.register(OP, "triton", **_triton)
+def _fwd_triton(x, weight, state, bias, u, pool_b, scales, idx, path="fused"):
+    """fused: one launch, W tile by tile and each row's s_i·u·B_iᵀ gathered into its tile; dequant_gemm: W into
+    the scratch, C = s_i·u·B_iᵀ + b by the segment-grouped kernel, one GEMM with C."""
+    if path != "dequant_gemm":
+        return lora_multi_fused.multi_fused_fwd(x, weight, state, bias, u, pool_b, scales, idx)
+    w = scratch.dequantized_weight(weight, state, x.dtype, backend="triton")
+    return kernels.multi_up(u, pool_b, scales, idx, bias).addmm_(x, w.T)
+
+
+@dispatch.register(OP_DX, "triton", **_triton)
+def _dx_triton(grad, weight, state, v, pool_a, idx, dropout_p, seed, path=None):
+    """W into the scratch (a dense W as it is), C = d'_i(v·A_i) segment-grouped, one GEMM with C (every M: the
+    backward of a decode-sized batch is rare)."""
+    w = scratch.dequantized_weight(weight, state, grad.dtype, backend="triton")
+    return kernels.multi_dx_term(v, pool_a, idx, dropout_p, seed).addmm_(grad, w)
+
+
+dispatch.register(OP_DOWN, "triton", **_triton)(kernels.multi_down)
+dispatch.register(OP_GRADS, "triton", **_triton)(kernels.multi_grads)
 
 
 def _path(op, backend, path, m, k, n, state, dtype) -> str:
