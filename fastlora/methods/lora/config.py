@@ -50,6 +50,9 @@ class LoraConfig:
             ``lora_magnitude_vector`` in the adapter files as peft saves it.
         quantize, blocksize, double_quant: fastlora only, not saved: turn float bases into 4-bit
             ("nf4"/"fp4") while injecting (QLoRA from a float model).
+        fuse_blocks: fastlora only, not saved: run the projections that read one input as one op (q/k/v; gate/up
+            with the MLP's SwiGLU/GeGLU) in detected blocks (True), not at all (False), or in the blocks a list of
+            specs names (:mod:`fastlora.methods.lora.groups`).
     """
 
     r: int = 8
@@ -71,6 +74,7 @@ class LoraConfig:
     quantize: str | None = None
     blocksize: int = 64
     double_quant: bool = True
+    fuse_blocks: bool | list[dict[str, Any]] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):

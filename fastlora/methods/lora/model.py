@@ -23,6 +23,7 @@ from fastlora.methods.fingerprint import base_fingerprint, check_integrity
 from fastlora.methods.lora import multi
 from fastlora.methods.lora.config import LoraConfig
 from fastlora.methods.lora.files import PREFIX, read_lora_dir, save_lora_files
+from fastlora.methods.lora.groups import disable_block_groups, enable_block_groups
 from fastlora.methods.lora.init import changes_base, convert_to_plain_lora, init_layer
 from fastlora.methods.lora.targets import (
     base_weights,
@@ -117,6 +118,11 @@ class LoraModel(WrappedModel):
             raise
         self.peft_config[name] = config
         self.set_adapter(self.active_adapter or name)
+        fuse = config.fuse_blocks  # one op per shared-input block (methods/lora/groups.py); False removes them
+        if fuse is False:
+            disable_block_groups(self.model)
+        else:
+            enable_block_groups(self.model, None if fuse is True else fuse)
 
     def set_adapter(self, name: str) -> None:
         """Use adapter ``name`` in every layer (layers without it act as the base); only it trains."""
@@ -228,6 +234,7 @@ class LoraModel(WrappedModel):
                 linear.bias.copy_(layer.bias)
             linear.requires_grad_(False)
             set_module(self.model, path, linear)
+        disable_block_groups(self.model)
         for path, module in list(self.saved_modules()):
             set_module(self.model, path, module.current)
         return self.model
