@@ -123,6 +123,11 @@ def test_triton_row_matches_float64_reference(case, weight_kind, dtype, dropout,
     _run_and_check(case, weight_kind, dtype, "triton", dropout, monkeypatch, path=path)
 
 
+def test_cpu_default_decode_row_matches_float64_reference(monkeypatch):
+    """The CPU default for a 4-bit decode batch (the native grouped GEMV when the extension is built)."""
+    _run_and_check("decode", "nf4", torch.float32, "", True, monkeypatch)
+
+
 def test_per_row_mask_is_the_single_adapter_mask():
     """Row m of slot i keeps exactly where dropout_keep_mask at p_i keeps (the same counter-based hash)."""
     p = torch.tensor([0.1, 0.5, 0.3])

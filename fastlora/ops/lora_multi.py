@@ -21,7 +21,9 @@ Which kernel runs when (``backend`` / ``FASTLORA_BACKEND``, ``path`` / ``FASTLOR
     dx            matmuls                          scratch W + one GEMM with C = grouped d'_i(v·A_i) (any M)
     v, dA, dB     wide matmuls                     grouped kernels: v segment-grouped; dA, dB one program per
                                                    (slot, tile) reducing its rows in a fixed order (deterministic)
-    native        (helper module ops/lora_multi_native.py, when present: the CPU/CUDA decode GEMV, 4-bit, M small)
+    forward       native (ops/lora_multi_native.py; CPU and CUDA default for a 4-bit W at M <= native.MAX_DECODE_M
+                  when the extension is built): the decode GEMV, W streamed once, each row's s_i·u·B_iᵀ in its
+                  epilogue; registered before the Triton row, so it is preferred where both can run
 
 No host sync inside the op: the grouping is an argsort and a searchsorted on the device. The eager wrapper
 checks adapter_idx's range (one device sync on CUDA); under torch.compile that check is skipped (an index out
@@ -36,7 +38,7 @@ from fastlora import dispatch
 from fastlora.kernels import lora_multi as kernels
 from fastlora.kernels import lora_multi_fused, lora_multi_specs  # noqa: F401  (the specs register on import)
 from fastlora.kernels import lora_multi_ref as ref
-from fastlora.ops import scratch
+from fastlora.ops import lora_multi_native, scratch  # noqa: F401  (native registers its row first: preferred)
 from fastlora.ops.lora import _check_code_table, _dense_weight
 from fastlora.ops.planner import OP as _OP_SINGLE
 from fastlora.ops.planner import OP_DX as _OP_SINGLE_DX
