@@ -343,6 +343,32 @@ def _tensor_cores(x: torch.Tensor) -> bool:
     return x.dtype != torch.float32 and x.shape[1] % 32 == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=id_formatter("dtype"))
+def test_gemv_multi_adapter_epilogue(emu, dtype):
+    """Many adapters (gemv_4bit_multi_native): each row gathers its slot's B_i and s_i in the epilogue of
+    the tensor-core, CUDA-core and element-wise kernels; rows of -1 and a slot out of range get no term."""
+    slots, r = 4, 6
+    for shape, m in (("K256-N77", 16), ("K200-N45", 3), ("K129-N33", 9)):
+        x, packed, state, bias, _ = _gemv_inputs(shape, m, dtype, None)
+        n = state.shape[0]
+        u, pool_b = torch.randn(m, r).to(dtype), (torch.randn(slots, n, r) / math.sqrt(r)).to(dtype)
+        scales = torch.rand(slots) + 0.5
+        idx = torch.arange(m, dtype=torch.int32) % (slots + 1) - 1
+        idx[-1] = slots  # out of range (the eager wrapper raises; the kernel must not read past the pool)
+        y = poisoned((m, n), dtype)
+        launch(
+            emu, "emu_gemv_4bit_multi", _p(guarded(x)), DTYPE_CODE[dtype], m, ctypes.c_int64(n),
+            ctypes.c_int64(x.shape[1]), _p(guarded(packed)), *_state(state), _p(guarded(bias)),
+            _p(guarded(pool_b)), _p(guarded(u)), r, _p(guarded(idx)), _p(guarded(scales)), slots, _p(y),
+        ).check()  # fmt: skip
+        assert_no_overrun(y)
+        live = torch.where(idx < slots, idx, -1)
+        ref = native.gemv_4bit_multi_ref(x, packed, state, bias, u, pool_b, scales, live, compute_dtype=torch.float64)
+        own = native.gemv_4bit_multi_ref(x, packed, state, bias, u, pool_b, scales, live, compute_dtype=dtype)
+        assert not torch.isnan(y).any(), "an output was never written"
+        assert rel_error(y, ref.double()) <= 2 * rel_error(own, ref.double()) + FLOOR[dtype], shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=id_formatter("dtype"))
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 16], ids=id_formatter("M"))
 @pytest.mark.parametrize("shape", ["K256-N77", "K1024-N45-bs4096", "K4160-N24", "K5568-N20", "K6656-N19"])

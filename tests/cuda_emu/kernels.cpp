@@ -57,6 +57,34 @@ int emu_gemv_4bit(const void* x, int64_t ldx, int dtype, int M, int64_t N, int64
   return fastlora::cuda::gemv_4bit(p, nullptr);
 }
 
+// The grouped GEMV (csrc's gemv_4bit_multi_native): pool_b (slots, N, r), u (M, r), idx (M,), scales (slots,).
+int emu_gemv_4bit_multi(const void* x, int dtype, int M, int64_t N, int64_t K, const uint8_t* packed,
+                        const float* absmax, const uint8_t* q, const float* nested_absmax, const float* nested_code,
+                        float offset, const float* code, int blocksize, const void* bias, const void* pool_b,
+                        const void* lora_u, int r, const int32_t* idx, const float* scales, int slots, void* y) {
+  fastlora::cuda::GemvParams p{};
+  p.x = x;
+  p.ldx = K;
+  p.dtype = static_cast<DType>(dtype);
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.packed = packed;
+  p.absmax = AbsmaxRef{absmax, q, nested_absmax, nested_code, offset};
+  p.code = code;
+  p.blocksize = blocksize;
+  p.bias = bias;
+  p.lora_b = pool_b;
+  p.lora_u = lora_u;
+  p.r = r;
+  p.lora_idx = idx;
+  p.lora_scales = scales;
+  p.slots = slots;
+  p.scale = 1.0f;
+  p.y = y;
+  return fastlora::cuda::gemv_4bit(p, nullptr);
+}
+
 int emu_merge_4bit(const uint8_t* packed, const float* absmax, const uint8_t* q, const float* nested_absmax,
                    const float* nested_code, float offset, const float* code, int blocksize, int64_t N, int64_t K,
                    int r, const void* lora_a, const void* lora_b, int dtype, float scale, void* out, int out_dtype) {
