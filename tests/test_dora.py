@@ -312,3 +312,122 @@ def test_qlora_mixed_precision_fp32_adapter_bf16_compute():
     assert rel_error(y, want) < 2e-2
     for p, g in zip((fast.lora_A, fast.lora_B, fast.lora_magnitude_vector), grads, strict=True):
         assert p.grad.dtype == torch.float32 and rel_error(p.grad, g) < 3e-2
+
+
+# -- the training-size 4-bit path: the norm from the dequantisation pass (fastlora.kernels.dora_norm) -----------
+
+
+@pytest.fixture
+def dequant_gemm(monkeypatch):
+    """The Triton training-size path at any M (as on a GPU at M > the crossover), under the interpreter."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    monkeypatch.setenv("FASTLORA_PATH", "dequant_gemm")
+
+
+@pytest.mark.parametrize(
+    "dtype,nested,n,k,r",
+    [(torch.float32, True, 70, 256, 5), (torch.bfloat16, False, 33, 128, 17), (torch.float16, True, 19, 37, 3),
+     (torch.bfloat16, True, 20, 320, 8)],
+    ids=["fp32", "bf16-plain-r17", "fp16-odd-K", "bf16-split-K"],
+)  # fmt: skip
+def test_dequant_norm_kernel_matches_reference(dtype, nested, n, k, r, monkeypatch):
+    from fastlora.kernels import dora_norm
+    from fastlora.kernels.dora_norm import dequant_norm_into, k_split
+    from fastlora.kernels.dora_norm_ref import dequant_norm
+    from fastlora.quant import quantize_4bit
+
+    assert k_split(64, 4096) == 4 and k_split(14336, 4096) == 3 and k_split(20, 1000) == 1
+    if k == 320:  # two K ranges of 192 and 128 columns: the partial sums and their addition
+        monkeypatch.setattr(dora_norm, "k_split", lambda n, k: 2)
+
+    packed, state = quantize_4bit(torch.randn(n, k), "nf4", 64, nested)
+    a = torch.randn(r, k).to(dtype)
+    out = torch.full((n, k + 3), float("nan"), dtype=dtype)[:, :k]  # a row stride above K
+    w, sq, wa = dequant_norm_into(packed, state, a, out)
+    want_w, want_sq, want_wa = dequant_norm(packed, state, a, dtype, torch.float64)
+    assert w.data_ptr() == out.data_ptr() and torch.equal(w, want_w)  # bit-equal to dequantize_4bit_ref
+    assert sq.dtype == wa.dtype == torch.float32 and wa.shape == (n, r)
+    assert rel_error(sq, want_sq) < 1e-6 and rel_error(wa, want_wa) < 1e-6
+
+
+@pytest.mark.parametrize("quant_bias", [(True, torch.float32), (False, torch.float32)], ids=["bias", "nobias"])
+def test_fused_norm_path_matches_peft_fp32(dequant_gemm, quant_bias):
+    bias, _ = quant_bias
+    fast, ref = _pair(in_f=128, out_f=23, bias=bias, quant="nf4")
+    x = torch.randn(3, 5, 128)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    g = torch.randn(3, 5, 23)
+    with _Sizes() as sizes:
+        y = fast(xs[0])
+    assert any("dora_dequant_gemm" in op for op, _ in sizes.outputs)  # the path under test ran
+    (y * g).sum().backward()
+    (ref(xs[1]) * g).sum().backward()
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    pf, pr = _params(fast, ref)
+    for name, got, want in zip(("A", "B", "m", "x"), _grads(pf, xs[0]), _grads(pr, xs[1]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_fused_norm_path_bf16_error_within_twice_peft(dequant_gemm):
+    fast, ref = _pair(in_f=128, out_f=23, quant="nf4")
+    ref64 = copy.deepcopy(ref).double()
+    fast16, ref16 = fast.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x, g = torch.randn(9, 128), torch.randn(9, 23)
+    outs, grads = [], []
+    for model, dtype in ((fast16, torch.bfloat16), (ref16, torch.bfloat16), (ref64, torch.float64)):
+        xi = x.to(dtype).requires_grad_()
+        y = model(xi)
+        (y * g.to(dtype)).sum().backward()
+        outs.append(y)
+        grads.append(_grads(_params(fast16, ref16)[0] if model is fast16 else _params(fast16, model)[1], xi))
+    assert rel_error(outs[0], outs[2]) <= 2 * rel_error(outs[1], outs[2]) + 1e-2
+    for got, theirs, want in zip(*grads, strict=True):
+        assert rel_error(got, want) <= 2 * rel_error(theirs, want) + 1e-2
+
+
+class _Storages(TorchDispatchMode):
+    """Bytes of every new storage an op returns (an output whose storage is none of the op's inputs': views and
+    in-place results do not count), with fastlora's DoRA op entered (its Python body run under this mode), so the
+    allocations inside it count too."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "fastlora.dora_dequant_gemm" in str(func):
+            from fastlora.ops.dora import _dora_dequant_gemm_op
+
+            with self:
+                out = _dora_dequant_gemm_op._init_fn(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values()]
+        flat = [t for a in flat for t in (a if isinstance(a, (tuple, list)) else [a])]
+        seen = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.sizes.append((str(func), t.untyped_storage().nbytes()))
+        return out
+
+
+def test_fused_norm_path_never_allocates_the_merged_weight(dequant_gemm, monkeypatch):
+    """What is measured: the bytes of every new tensor any aten/custom op returns, inside fastlora's DoRA op too,
+    and every fastlora._alloc.empty, during a forward+backward on a 4-bit (N, K) = (64, 256) base with M = 4 rows
+    (so M·N and M·K stay below N·K / 2). The shared dequantisation scratch is grown by a first call (LoRA uses
+    the same buffer); afterwards nothing of N·K elements (any dtype: >= N·K·2 bytes) is created."""
+    import fastlora._alloc as alloc
+
+    fast, _ = _pair(in_f=256, out_f=64, r=4, quant="nf4")
+    x = torch.randn(4, 256, requires_grad=True)
+    fast(x).sum().backward()  # grows the scratch
+    made = []
+    empty = alloc.empty
+    monkeypatch.setattr(alloc, "empty", lambda shape, **kw: made.append(shape) or empty(shape, **kw))
+    with _Storages() as mode:
+        fast(x).sum().backward()
+    nk = 64 * 256
+    big = [(op, b) for op, b in mode.sizes if b >= nk * 2] + [s for s in made if torch.Size(s).numel() >= nk]
+    assert not big, big
+    assert any("dora_dequant_gemm" in op for op, _ in mode.sizes)
+    assert any("lora_linear_backward" in op for op, _ in mode.sizes)

@@ -5,4 +5,15 @@ Importing this package registers every kernel's ahead-of-time compile specs in
 :mod:`fastlora.kernels.specs` (compiled by :mod:`fastlora.aot`).
 """
 
-from fastlora.kernels import adapter, adapter_down, adapter_up, dequant, glu, lora, lora_specs, lowrank, quant4  # noqa: F401
+from fastlora.kernels import (  # noqa: F401
+    adapter,
+    adapter_down,
+    adapter_up,
+    dequant,
+    dora_norm,
+    glu,
+    lora,
+    lora_specs,
+    lowrank,
+    quant4,
+)

@@ -10,17 +10,37 @@ The norm never materialises W + s·B A (N, K): per output row n,
 
     ‖W_n + s B_n A‖² = ‖W_n‖² + 2s Σ_j B[n,j] (W Aᵀ)[n,j] + s² B_n (A Aᵀ) B_nᵀ
 
-‖W_n‖² is frozen (computed once per base weight by :func:`weight_row_sqnorm`, row-chunked), W Aᵀ (N, r)
-is one skinny pass over W: for a 4-bit W it is ``lora_linear(A, W)`` with a zero-rank adapter, which reads W
-packed (the fused Triton kernel on CUDA, the native GEMV on CPU for r ≤ 16). Everything accumulates in fp32.
+Where the 4-bit forward runs the training-size path (Triton, ``dequant_gemm``: W dequantised into the shared
+scratch, then one GEMM), the norm comes from that dequantisation: :func:`fastlora.kernels.dora_norm.dequant_norm_into`
+writes the scratch and emits ‖W_n‖² and W Aᵀ from the same registers, so the packed W is read once, as LoRA
+reads it; then C = s·u·Bᵀ, one GEMM z = x·W_dqᵀ + C, and y = g ⊙ z + b in one [M, N] pass. The backward is
+LoRA's (``fastlora::lora_linear_backward``: one dequantisation) on dz = g ⊙ dy.
+
+Elsewhere (small M: the fused kernel or the native GEMV; dense bases; the reference) ‖W_n‖² is frozen
+(computed once per base weight by :func:`weight_row_sqnorm`, row-chunked) and W Aᵀ (N, r) is one skinny pass
+over W: for a 4-bit W ``lora_linear(A, W)`` with a zero-rank adapter, which reads W packed. That second read
+stays at small M because the forward's own pass there is the fused GEMM (W dequantised in registers, never
+written): emitting W Aᵀ from it would need A's r rows inside every (M, N) tile program, i.e. each N tile
+computing r extra rows; at M ≤ 32 that doubles the tile's work for the same W bytes, the cost of the
+separate pass. Everything accumulates in fp32.
+
+LoRA dropout (d) costs a second GEMM over W: y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s·d(x) Aᵀ Bᵀ needs both x Wᵀ
+and d(x) Wᵀ, two different left operands of W, so there is no exact one-GEMM form; peft's DoRA computes the same
+two products (its base layer on x, and ``x_dropped @ Wᵀ`` inside the DoRA term). fastlora runs them as
+``(x − d(x)) Wᵀ + b`` and ``d(x) Wᵀ + s·d(x) Aᵀ Bᵀ`` (one fused LoRA pass each); stacking [x − d(x); d(x)] into one
+GEMM of 2M rows reads W once but costs the same FLOPs plus an [2M, K] copy.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastlora import dispatch
 from fastlora.functional import apply_dropout
+from fastlora.kernels.dora_norm import dequant_norm_into, supports
+from fastlora.ops import lora_paths, scratch
 from fastlora.ops.lora import lora_linear
+from fastlora.ops.planner import OP, decide_path, requested_path
 from fastlora.quant import QuantState
 from fastlora.quant.api import absmax_fp32
 from fastlora.quant.ref import dequantize_4bit_ref
@@ -77,7 +97,7 @@ def dora_weight_norm(
         lora_a: (r, K), lora_b: (N, r), any float dtype (used in fp32).
         w_sqnorm: (N,) fp32 ``‖W_n‖²`` from :func:`weight_row_sqnorm`.
     """
-    a, b = lora_a.detach().float(), lora_b.detach().float()
+    a = lora_a.detach().float()
     if quant_state is None:
         wa = torch.mm(a.to(weight.dtype), weight.T).float()  # (r, N): one pass over W, fp32 accumulate
     else:  # x = A (r rows) through the 4-bit linear: W read packed; zero-rank adapter
@@ -85,9 +105,85 @@ def dora_weight_norm(
         wa = lora_linear(a, weight, None, a.new_zeros((0, k)), a.new_zeros((n, 0)), 0.0,
                          quant_state=quant_state, backend=backend)  # fmt: skip
         wa = wa.float()
-    cross = (b * wa.T).sum(1)
+    return norm_from(w_sqnorm, wa.T, lora_a, lora_b, scale)
+
+
+@torch.no_grad()
+def norm_from(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float):
+    """(N,) fp32 ``sqrt(sq + 2s·Σ_j B[n, j]·wa[n, j] + s²·B_n (A Aᵀ) B_nᵀ)``: sq (N,) ``‖W_n‖²``, wa (N, r) ``W Aᵀ``."""
+    a, b = lora_a.detach().float(), lora_b.detach().float()
+    cross = (b * wa.float()).sum(1)
     quad = ((b @ (a @ a.T)) * b).sum(1)
-    return (w_sqnorm + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0.0).sqrt()
+    return (sq + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min(0.0).sqrt()
+
+
+def fused_norm_applies(m: int, k: int, n: int, r: int, quant_state: QuantState | None, dtype: torch.dtype,
+                       device: torch.device, backend: str | None, path: str | None) -> bool:  # fmt: skip
+    """True when the DoRA forward takes :func:`dequant_norm_into` (see the module docstring): a 4-bit W the kernel
+    takes (:func:`~fastlora.kernels.dora_norm.supports`: r <= 64...) and the LoRA forward of this size on Triton's
+    ``dequant_gemm`` path."""
+    if quant_state is None or len(quant_state.shape) != 2 or not supports(dtype, k, quant_state.blocksize, r):
+        return False
+    if dispatch.choose(OP, device, backend, m=m, quantized=True).backend != "triton":
+        return False
+    return decide_path(OP, "triton", path, m, k, n, quant_state.quant_type, dtype)[0] == "dequant_gemm"
+
+
+# -- the training-size 4-bit op: one dequant+norm pass, C = s·u·Bᵀ, one GEMM ------------------------------------
+
+
+@torch.library.custom_op("fastlora::dora_dequant_gemm", mutates_args=())
+def _dora_dequant_gemm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+    nested_offset: float,
+    scale: float,
+    backend: str,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, u, norm): z = x·W_dqᵀ + s·u·Bᵀ (M, N) without bias, u = x·Aᵀ (M, r), norm (N,) fp32 ‖W_n + s·B_n A‖."""
+    state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+                                    nested_offset)  # fmt: skip
+    w, sq, wa = dequant_norm_into(weight, state, lora_a, scratch.scratch(tuple(shape), x.dtype, x.device))
+    norm = norm_from(sq, wa, lora_a, lora_b, scale)
+    u = x @ lora_a.T
+    return lora_paths.forward(x, w, None, None, u, lora_b, scale, "triton"), u, norm
+
+
+@_dora_dequant_gemm_op.register_fake
+def _(x, weight, lora_a, lora_b, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+      nested_offset, scale, backend, path):  # fmt: skip
+    return (x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_a.shape[0])),
+            x.new_empty((shape[0],), dtype=torch.float32))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, absmax, nested_absmax, nested_code, *rest = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], absmax, nested_absmax, nested_code)
+    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, backend, path
+
+
+def _backward(ctx, grad_z, grad_u, grad_norm):
+    """LoRA's backward on dz (the norm is a constant: no gradient through it): one dequantisation of W."""
+    x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code = ctx.saved_tensors
+    quant_type, blocksize, shape, dtype, offset, scale, backend, path = ctx.args
+    grad_z = grad_z.contiguous() if grad_z.stride(-1) != 1 else grad_z
+    grad_x, grad_a, grad_b = torch.ops.fastlora.lora_linear_backward(
+        grad_z, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant_type, blocksize, shape,
+        dtype, offset, scale, 0.0, 0, backend, path, ctx.needs_input_grad[0])  # fmt: skip
+    return grad_x if ctx.needs_input_grad[0] else None, None, grad_a, grad_b, *[None] * (3 + len(ctx.args))
+
+
+_dora_dequant_gemm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dora_linear(
@@ -104,6 +200,7 @@ def dora_linear(
     dropout_p: float = 0.0,
     seed: int = 0,
     backend: str | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """DoRA forward (see the module docstring), differentiable in x, bias, lora_a, lora_b and magnitude.
 
@@ -113,22 +210,33 @@ def dora_linear(
         magnitude: (N,) any float dtype (the trained ``lora_magnitude_vector``).
         scale: the LoRA scaling.  w_sqnorm: (N,) fp32 ``‖W_n‖²`` (:func:`weight_row_sqnorm`).
         dropout_p, seed: LoRA dropout on the adapter path (peft's placement: the base sees x undropped).
+        backend, path: as :func:`fastlora.lora_linear` takes them (default: by device and size).
 
     Returns:
         (..., N) in x's dtype.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
+    requested_path(path)
+    n, r = lora_b.shape
+    if dropout_p == 0.0 and fused_norm_applies(x2.shape[0], k, n, r, quant_state, x.dtype, x.device, backend, path):
+        x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
+        z, _, norm = torch.ops.fastlora.dora_dequant_gemm(x2, weight, lora_a, lora_b, *quant_state.op_args(),
+                                                          float(scale), backend or "", path or "")  # fmt: skip
+        g = (magnitude.float() / norm).to(x.dtype)
+        y = z * g if bias is None else torch.addcmul(bias, z, g)  # g and b in one [M, N] pass
+        return y.view(*lead, n)
     norm = dora_weight_norm(weight, lora_a, lora_b, scale, w_sqnorm, quant_state=quant_state, backend=backend)
     g = (magnitude.float() / norm).to(x.dtype)  # the norm is a constant for autograd (detached)
     if dropout_p == 0.0:
-        z = lora_linear(x2, weight, None, lora_a, lora_b, scale, quant_state=quant_state, backend=backend)
+        z = lora_linear(x2, weight, None, lora_a, lora_b, scale, quant_state=quant_state, backend=backend, path=path)
         y = z * g if bias is None else torch.addcmul(bias, z, g)
     else:
         xd = apply_dropout(x2, dropout_p, seed)
         empty_a, empty_b = x2.new_zeros((0, k)), x2.new_zeros((lora_b.shape[0], 0))
         # x Wᵀ + b − d(x) Wᵀ in one pass over W, then g ⊙ (d(x) Wᵀ + s·d(x) Aᵀ Bᵀ) in a second
-        base = lora_linear(x2 - xd, weight, bias, empty_a, empty_b, 0.0, quant_state=quant_state, backend=backend)
-        z = lora_linear(xd, weight, None, lora_a, lora_b, scale, quant_state=quant_state, backend=backend)
+        base = lora_linear(x2 - xd, weight, bias, empty_a, empty_b, 0.0, quant_state=quant_state, backend=backend,
+                           path=path)  # fmt: skip
+        z = lora_linear(xd, weight, None, lora_a, lora_b, scale, quant_state=quant_state, backend=backend, path=path)
         y = torch.addcmul(base, z, g)
     return y.view(*lead, y.shape[-1])

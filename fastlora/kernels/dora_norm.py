@@ -1,0 +1,232 @@
+"""DoRA's row norm in the pass that dequantises a 4-bit W into the scratch (spec: :mod:`fastlora.kernels.dora_norm_ref`).
+
+DoRA needs ‖W_n + s·B_n A‖ per output row n (``fastlora.ops.dora``):
+
+    ‖W_n + s·B_n A‖² = ‖W_n‖² + 2s·Σ_j B[n, j]·(W Aᵀ)[n, j] + s²·B_n (A Aᵀ) B_nᵀ
+
+At training sizes the LoRA linear already dequantises W once into the shared scratch
+(:mod:`fastlora.ops.scratch`) for its GEMM; this kernel does that write and, from the same registers,
+the two W-dependent terms: ``sq[n] = Σ_k W[n, k]²`` (fp32 values) and ``wa = W Aᵀ`` (N, r), a tensor-core
+dot of the dequantised tile (in the scratch's dtype, exactly the GEMM's operand) with an A tile (r padded
+to RP >= 16). So DoRA reads the packed W once, as LoRA does, instead of a second fused-GEMM pass for W Aᵀ.
+
+A program owns ROWS rows and a K range (``k_split`` ranges over K when N / ROWS programs would not fill the
+GPU); it loops over that range BC columns at a time and writes partial sums (SPLIT, N) and (SPLIT, N, RP),
+which the launcher adds (a fixed order: deterministic). Partial bytes are 4·(1 + RP)/KCH per weight beside
+the 2.5 the dequantisation moves (0.5 % at RP = 16, KCH = 1024... see :func:`k_split`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora import _alloc, dispatch
+from fastlora.kernels.primitives import mma, round_like
+from fastlora.kernels.quant4 import w4_tile
+from fastlora.kernels.specs import TL_POINTER, KernelSpec, register
+from fastlora.quant.state import QuantState
+
+ROWS = 64  # rows a program
+BC = 64  # columns an iteration
+MAX_RANK = 64  # RP in (16, 32, 64): above, fastlora.ops.dora keeps its two-pass norm
+TARGET_PROGRAMS = 528  # 4 programs per SM of an H100/H200 (132 SMs): the K split aims at this many
+
+
+def num_warps(dtype: torch.dtype, aligned: bool) -> int:
+    """4 warps for the fp16/bf16 aligned variant (126-168 registers, sm_80/sm_90); the fp32 IEEE dot at RP >= 32
+    and the general (element-gather) variant spill on 4 warps (255 registers + stack), so they take 8."""
+    return 4 if aligned and dtype != torch.float32 else 8
+
+
+def supports(dtype: torch.dtype, k: int, blocksize: int, r: int) -> bool:
+    """Whether :func:`dequant_norm_into` takes this case: 0 < r <= MAX_RANK, and not fp32 with an odd / unaligned K
+    (that variant spills on sm_90 even on 8 warps: 255 registers + 80 bytes of stack, triton 3.9)."""
+    aligned = k % 2 == 0 and k % blocksize == 0
+    return 0 < r <= MAX_RANK and (aligned or dtype != torch.float32)
+
+
+def rank_tile(r: int) -> int:
+    """RP: r padded to a power of two >= 16 (the tensor-core dot's smallest N)."""
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def k_split(n: int, k: int) -> int:
+    """K ranges a row tile is cut into: enough programs for the GPU, each range a multiple of BC and >= 1024
+    columns, so the partial sums stay below ~1 % of the bytes moved. Shape-only (the same on every device)."""
+    row_tiles = triton.cdiv(n, ROWS)
+    by_k = max(1, k // 1024)
+    return max(1, min(by_k, triton.cdiv(TARGET_PROGRAMS, row_tiles)))
+
+
+@triton.jit
+def _dequant_norm_kernel(
+    packed_ptr,  # (N * K / 2,) uint8
+    absmax_ptr,  # (nblocks,) fp32, or uint8 when NESTED
+    nested_absmax_ptr,  # fp32 (unused unless NESTED)
+    nested_code_ptr,  # (256,) fp32 (unused unless NESTED)
+    a_ptr,  # (R, K) in out's dtype, column stride 1
+    out_ptr,  # (N, K) fp32/fp16/bf16, column stride 1
+    sq_ptr,  # (SPLIT, N) fp32 partial ‖W_n‖²
+    wa_ptr,  # (SPLIT, N, RP) fp32 partial W Aᵀ
+    offset,  # fp32 nested offset
+    N,
+    K,
+    R,
+    kch,  # columns of a K range (a multiple of BC)
+    stride_out,
+    stride_a,
+    log2_blocksize,
+    ALIGNED: tl.constexpr,  # K even and a multiple of the blocksize: byte-pair decode, absmax per 32 columns
+    FP4: tl.constexpr,
+    NESTED: tl.constexpr,
+    ASM_LUT: tl.constexpr,  # byte-permute code table (GPU only)
+    ROUND_BITS: tl.constexpr,  # round to the output dtype by bits (the interpreter's casts truncate)
+    FP32_DOT: tl.constexpr,  # IEEE fp32 dot (fp32, and every dtype under the interpreter)
+    ROWS: tl.constexpr,
+    BC: tl.constexpr,
+    RP: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    j = tl.arange(0, RP)
+    k0 = split * kch
+    k1 = tl.minimum(K, k0 + kch)
+    sq = tl.zeros((ROWS,), dtype=tl.float32)
+    wa = tl.zeros((ROWS, RP), dtype=tl.float32)
+    for c0 in range(k0, k1, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < K  # a range's last tile ends at k1 (kch is a multiple of BC) unless it ends at K
+        w = w4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_blocksize, rows, c0,
+                    N, K, ALIGNED, FP4, NESTED, ROWS, BC, ASM_LUT)  # fmt: skip
+        w = tl.where(col_ok[None, :], w, 0.0)  # nested absmax reads `offset` outside W
+        sq += tl.sum(w * w, axis=1)
+        if ROUND_BITS:
+            w = round_like(w, out_ptr)
+        wq = w.to(out_ptr.dtype.element_ty)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(out_ptrs, wq, mask=row_ok[:, None] & col_ok[None, :])
+        a = tl.load(a_ptr + j[None, :] * stride_a + cols[:, None], mask=col_ok[:, None] & (j < R)[None, :], other=0.0)
+        wa = mma(wq, a, wa, FP32_DOT)
+    part = split * N + rows
+    tl.store(sq_ptr + part, sq, mask=row_ok)
+    tl.store(wa_ptr + part.to(tl.int64)[:, None] * RP + j[None, :], wa, mask=row_ok[:, None])
+
+
+def _check(packed: torch.Tensor, state: QuantState, lora_a: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int]:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"dequant_norm_into: state must be a fastlora QuantState, got {type(state).__name__}")
+    state.validate(packed, where="dequant_norm_into")
+    if len(state.shape) != 2:
+        raise ValueError(f"dequant_norm_into: the weight must be 2-D (N, K), its shape is {tuple(state.shape)}")
+    n, k = (int(d) for d in state.shape)
+    r = lora_a.shape[0]
+    if tuple(out.shape) != (n, k) or out.dtype not in TL_POINTER or (out.stride(1) != 1 and k > 1):
+        raise ValueError(f"dequant_norm_into: out must be ({n}, {k}) fp32/fp16/bf16 with column stride 1, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")  # fmt: skip
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or not supports(out.dtype, k, state.blocksize, r):
+        raise ValueError(f"dequant_norm_into: lora_a must be (r, {k}) with 0 < r <= {MAX_RANK} (and K aligned to "
+                         f"the blocks for fp32), got {tuple(lora_a.shape)} {out.dtype}")  # fmt: skip
+    if out.device != packed.device or lora_a.device != packed.device:
+        raise ValueError("dequant_norm_into: packed, lora_a and out must be on one device")
+    if n * k >= 2**31:
+        raise ValueError(f"dequant_norm_into: {n} x {k} weights exceed the kernel's int32 index")
+    return n, k, r
+
+
+def dequant_norm_into(
+    packed: torch.Tensor, state: QuantState, lora_a: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantise a 4-bit W into ``out`` and return ``(out, sq, wa)`` from the same pass.
+
+    Args:
+        packed: the packed bytes of an (N, K) W (``state.packed_numel`` of them, any storage dtype).
+        state: its :class:`~fastlora.quant.QuantState` (NF4/FP4, any blocksize, nested or not).
+        lora_a: (r, K), 0 < r <= MAX_RANK, any float dtype (used in out's dtype, as the GEMM uses it).
+        out: (N, K) fp32/fp16/bf16, column stride 1 (e.g. a :func:`fastlora.ops.scratch.scratch` view).
+
+    Returns:
+        ``out`` bit-equal to :func:`fastlora.quant.ref.dequantize_4bit_ref`; ``sq`` (N,) fp32 ``Σ_k W[n, k]²`` of
+        the fp32 dequantised values; ``wa`` (N, r) fp32 ``out · A_dtypeᵀ`` (fp32 accumulation).
+    """
+    n, k, r = _check(packed, state, lora_a, out)
+    a = lora_a.to(out.dtype)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    rp = rank_tile(r)
+    split = k_split(n, k)
+    kch = triton.cdiv(triton.cdiv(k, split), BC) * BC
+    split = triton.cdiv(k, kch)
+    sq = _alloc.empty((split, n), dtype=torch.float32, device=out.device)
+    wa = _alloc.empty((split, n, rp), dtype=torch.float32, device=out.device)
+    nested = state.nested
+    if nested is not None:
+        nested_absmax, nested_code, offset = nested.absmax, nested.code, nested.offset
+    else:  # unused by the kernel
+        nested_absmax, nested_code, offset = state.code, state.code, 0.0
+    interp = dispatch.interpreting()
+    grid = (triton.cdiv(n, ROWS), split)
+    aligned = k % 2 == 0 and k % state.blocksize == 0
+    _dequant_norm_kernel[grid](
+        packed.reshape(-1).view(torch.uint8), state.absmax, nested_absmax, nested_code, a, out, sq, wa, offset,
+        n, k, r, kch, out.stride(0) if n > 1 else k, a.stride(0) if r > 1 else k, int(math.log2(state.blocksize)),
+        ALIGNED=aligned, FP4=state.quant_type == "fp4", NESTED=nested is not None,
+        ASM_LUT=not interp, ROUND_BITS=interp, FP32_DOT=out.dtype == torch.float32 or interp,
+        ROWS=ROWS, BC=BC, RP=rp, num_warps=num_warps(out.dtype, aligned), enable_fp_fusion=False,
+    )  # fmt: skip
+    if split > 1:
+        return out, sq.sum(0), wa.sum(0)[:, :r]
+    return out, sq[0], wa[0, :, :r]
+
+
+def _register_aot_specs() -> None:
+    """dtype x nesting x RP at the 8B shapes (K = 4096 / 14336: aligned, the row strides, kch and K multiples of
+    16, every pointer 16-byte aligned), and the general (odd K) variant at RP = 16 without integer hints."""
+    common = {
+        "packed_ptr": "*u8",
+        "absmax_ptr": None,
+        "nested_absmax_ptr": "*fp32",
+        "nested_code_ptr": "*fp32",
+        "a_ptr": None,
+        "out_ptr": None,
+        "sq_ptr": "*fp32",
+        "wa_ptr": "*fp32",
+        "offset": "fp32",
+        **dict.fromkeys(("N", "K", "R", "kch", "stride_out", "stride_a", "log2_blocksize"), "i32"),
+    }
+    flags = ("ALIGNED", "FP4", "NESTED", "ASM_LUT", "ROUND_BITS", "FP32_DOT", "ROWS", "BC", "RP")
+    for dtype, ptr in TL_POINTER.items():
+        for nested in (False, True):
+            for rp, aligned in ((16, True), (32, True), (64, True), (16, False)):
+                if dtype == torch.float32 and not aligned:
+                    continue  # not launched (see supports)
+                sig = dict(common, absmax_ptr="*u8" if nested else "*fp32", a_ptr=ptr, out_ptr=ptr)
+                pointers = tuple(name for name, t in sig.items() if t.startswith("*"))
+                ints = ("N", "K", "kch", "stride_out", "stride_a") if aligned else ()
+                register(
+                    KernelSpec(
+                        name=f"dora_norm[{str(dtype)[6:]},nested={nested},rp={rp}{'' if aligned else ',general'}]",
+                        fn=_dequant_norm_kernel,
+                        signature={**sig, **dict.fromkeys(flags, "constexpr")},
+                        constexprs={
+                            "ALIGNED": aligned,
+                            "FP4": False,
+                            "NESTED": nested,
+                            "ASM_LUT": True,
+                            "ROUND_BITS": False,
+                            "FP32_DOT": dtype == torch.float32,
+                            "ROWS": ROWS,
+                            "BC": BC,
+                            "RP": rp,
+                        },
+                        num_warps=num_warps(dtype, aligned),
+                        div16=(*pointers, *ints),
+                    )
+                )
+
+
+_register_aot_specs()
