@@ -128,6 +128,24 @@ def test_cpu_default_decode_row_matches_float64_reference(monkeypatch):
     _run_and_check("decode", "nf4", torch.float32, "", True, monkeypatch)
 
 
+def test_grouped_grads_split_segments_match_float64_reference():
+    """dA, dB with each segment split in parts (fp32 planes summed in order: M > 64 rows a slot here), and v."""
+    from fastlora.kernels import lora_multi, lora_multi_ref
+
+    m, k, n, s, r = 150, 40, 24, 2, 4  # parts = cdiv(M, S·4·BM) = 2 with the interpreter's BM = 16
+    g, x, u = torch.randn(m, n), torch.randn(m, k), torch.randn(m, r)
+    pool_a, pool_b, scales = torch.randn(s, r, k), torch.randn(s, n, r), torch.rand(s)
+    idx = torch.randint(-1, 1, (m,), dtype=torch.int32)  # slot 1 empty
+    p = torch.tensor([0.2, 0.5])
+    got = lora_multi.multi_grads(g, x, pool_a, pool_b, u, scales, idx, p, 7)
+    want = lora_multi_ref.multi_grads(*(t.double() for t in (g, x, pool_a, pool_b, u)), scales, idx, p, 7)
+    for name, a, b in zip(("v", "dA", "dB"), got, want, strict=True):
+        assert rel_error(a, b) < 1e-5, name
+    assert not got[1][1].any() and not got[2][1].any()
+    again = lora_multi.multi_grads(g, x, pool_a, pool_b, u, scales, idx, p, 7)
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True)), "not reproducible"
+
+
 def test_per_row_mask_is_the_single_adapter_mask():
     """Row m of slot i keeps exactly where dropout_keep_mask at p_i keeps (the same counter-based hash)."""
     p = torch.tensor([0.1, 0.5, 0.3])

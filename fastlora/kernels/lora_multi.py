@@ -28,7 +28,7 @@ import triton.language as tl
 from fastlora import _alloc, dispatch
 from fastlora.functional import seed32
 from fastlora.kernels.lora_multi_ref import thresholds
-from fastlora.kernels.lowrank import r_tile
+from fastlora.kernels.lowrank import TARGET_PROGRAMS, _finish, _planes, r_tile
 from fastlora.kernels.primitives import check_float, keep_mask, launch, mma, round_like
 
 __all__ = ["group_rows", "multi_down", "multi_dx_term", "multi_grads", "multi_up"]
@@ -124,20 +124,25 @@ def _grouped_up_kernel(
 
 @triton.jit
 def _segment_reduce_kernel(
-    x_ptr, y_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, thr_ptr, inv_ptr, C, R, stride_xm, stride_xc, stride_ym,
-    stride_yr, stride_os, stride_oc, stride_or, key, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    x_ptr, y_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, thr_ptr, inv_ptr, C, R, P, stride_xm, stride_xc, stride_ym,
+    stride_yr, stride_op, stride_os, stride_oc, stride_or, key, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """Program (slot s, c tile, r tile): out[s, c, r] = c_s · Σ_{m in segment s} d_s(X)[m, c] · Y[m, r], the
-    segment's rows in sorted order (a slot without rows writes zeros). dB: X = g, Y = u, c_s = s_s.
-    dA (stored transposed through the strides): X = x with the slot's dropout, Y = v, c_s = 1/(1-p_s)."""
-    s = tl.program_id(0)
+    """Program (slot s · P + part p, c tile, r tile): plane p of out[s, c, r] = c_s · Σ d_s(X)[m, c] · Y[m, r] over
+    part p of segment s (P equal parts of BM-row blocks), rows in sorted order; a slot without rows writes zeros.
+    dB: X = g, Y = u, c_s = s_s. dA (stored transposed through the strides): X = x with the slot's dropout, Y = v,
+    c_s = 1/(1-p_s). P > 1: fp32 planes, summed in a fixed order afterwards (bit-reproducible)."""
+    s = tl.program_id(0) // P
+    part = tl.program_id(0) % P
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     rr = tl.program_id(2) * BR + tl.arange(0, BR)
     c_mask = rc < C
     r_mask = rr < R
-    start = tl.load(seg_ptr + s)
-    end = tl.load(seg_ptr + s + 1)
+    seg_start = tl.load(seg_ptr + s)
+    seg_end = tl.load(seg_ptr + s + 1)
+    chunk = tl.cdiv(tl.cdiv(seg_end - seg_start, P), BM) * BM
+    start = seg_start + part * chunk
+    end = tl.minimum(start + chunk, seg_end)
     acc = tl.zeros((BC, BR), dtype=tl.float32)
     for j0 in range(start, end, BM):
         j = j0 + tl.arange(0, BM)
@@ -155,7 +160,8 @@ def _segment_reduce_kernel(
         acc *= tl.load(scale_ptr + s)
     if DROPOUT:
         acc *= tl.load(inv_ptr + s)
-    out = out_ptr + s.to(tl.int64) * stride_os + rc[:, None] * stride_oc + rr[None, :] * stride_or
+    out = out_ptr + part.to(tl.int64) * stride_op + s.to(tl.int64) * stride_os + rc[:, None] * stride_oc
+    out += rr[None, :] * stride_or
     tl.store(out, round_like(acc, out_ptr).to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & r_mask[None, :])
 
 
@@ -291,19 +297,24 @@ def multi_dx_term(v, pool_a, idx, dropout_p=None, seed=0) -> torch.Tensor:
 
 
 def _reduce(x, y, out, out_strides, c, idx, scales, dropout_p, seed):
-    """out[s, c, r] (through out_strides) = c_s·Σ_{segment s} d_s(x)[m, c]·y[m, r]."""
-    s, r = out.shape[0], y.shape[1]
+    """out[s, c, r] (through out_strides, contiguous) = c_s·Σ_{segment s} d_s(x)[m, c]·y[m, r]; each segment in
+    P parts (fp32 planes summed in order) when the S·tiles programs alone would leave SMs idle."""
+    (m, s), r = (x.shape[0], out.shape[0]), y.shape[1]
     if s == 0 or c == 0 or r == 0:
         return out
     perm, _, seg = group_rows(idx, s)
     dropout, key, thr, inv = _drop(dropout_p, seed, perm)
     br, kind = r_tile(r), _kind(x.dtype)
-    args = (x, y, out, perm, seg, scales if scales is not None else out, thr, inv, c, r, *x.stride(), *y.stride(),
-            *out_strides, key)  # fmt: skip
+    cfg = REDUCE_CONFIGS[kind].kwargs
+    tiles = s * triton.cdiv(c, cfg["BC"]) * triton.cdiv(r, br)
+    parts = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(m, s * 4 * cfg["BM"])))
+    part = _planes(parts, tuple(out.shape), out)
+    args = (x, y, part, perm, seg, scales if scales is not None else out, thr, inv, c, r, parts, *x.stride(),
+            *y.stride(), out.numel() if parts > 1 else 0, *out_strides, key)  # fmt: skip
     flags = {"HAS_SCALE": scales is not None, "DROPOUT": dropout, "BR": br}
-    _go(_segment_reduce_kernel, lambda meta: (s, triton.cdiv(c, meta["BC"]), triton.cdiv(r, br)), args, flags,
-        REDUCE_CONFIGS, kind)  # fmt: skip
-    return out
+    _go(_segment_reduce_kernel, lambda meta: (s * parts, triton.cdiv(c, meta["BC"]), triton.cdiv(r, br)), args,
+        flags, REDUCE_CONFIGS, kind)  # fmt: skip
+    return _finish(part, out)
 
 
 def multi_grads(g, x, pool_a, pool_b, u, scales, idx, dropout_p=None, seed=0):

@@ -10,6 +10,8 @@ Ranks above 16 run BR = 32 / 64 (lowrank.r_tile): the bf16 specs carry BR = 64 t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fastlora.kernels import lora_multi as grouped
@@ -60,17 +62,19 @@ def _grouped(dtype: torch.dtype, br: int) -> None:
         name = f"lora_multi_up[{tag},{what}{'-bias' if bias else ''}{'-drop' if drop else ''}]"
         _spec(name, grouped._grouped_up_kernel, {**types, **dict.fromkeys(values, "i32")}, values, flags,
               grouped.UP_CONFIGS[kind])  # fmt: skip
-    for what, drop in (("db", False), ("da", False), ("da", True)):
+    # parts > 1 (training M, few slots): fp32 planes; one part (many slots): the pool's dtype, P = 1 a constant
+    for (what, drop), planes in itertools.product((("db", False), ("da", False), ("da", True)), (True, False)):
         db = what == "db"
-        types = {**_ptrs("x_ptr y_ptr out_ptr", p), **_ptrs("perm_ptr seg_ptr", "*i32"),
+        types = {**_ptrs("x_ptr y_ptr", p), "out_ptr": "*fp32" if planes else p, **_ptrs("perm_ptr seg_ptr", "*i32"),
                  "scale_ptr": "*fp32" if db else p, "thr_ptr": "*i32", "inv_ptr": "*fp32" if drop else "*i32"}  # fmt: skip
         out_strides = (N * R, R, 1) if db else (R * K, 1, K)
-        values = dict(C=N if db else K, R=R, stride_xm=K, stride_xc=1, stride_ym=R, stride_yr=1,
-                      **dict(zip(("stride_os", "stride_oc", "stride_or"), out_strides, strict=True)),
-                      key=KEY if drop else 0)  # fmt: skip
+        values = dict(C=N if db else K, R=R, P=2 if planes else 1, stride_xm=K, stride_xc=1, stride_ym=R, stride_yr=1,
+                      stride_op=S * K * R if planes else 0, stride_os=out_strides[0], stride_oc=out_strides[1],
+                      stride_or=out_strides[2], key=KEY if drop else 0)  # fmt: skip
         flags = {"HAS_SCALE": db, "DROPOUT": drop, **fp32_dot}
-        _spec(f"lora_multi_reduce[{tag},{what}{'-drop' if drop else ''}]", grouped._segment_reduce_kernel,
-              {**types, **dict.fromkeys(values, "i32")}, values, flags, grouped.REDUCE_CONFIGS[kind])  # fmt: skip
+        name = f"lora_multi_reduce[{tag},{what}{'-drop' if drop else ''}{'-parts' if planes else ''}]"
+        _spec(name, grouped._segment_reduce_kernel, {**types, **dict.fromkeys(values, "i32")}, values, flags,
+              grouped.REDUCE_CONFIGS[kind])  # fmt: skip
     for drop in (False, True):
         types = {**_ptrs("x_ptr a_ptr out_ptr", p), "idx_ptr": "*i32", "thr_ptr": "*i32",
                  "inv_ptr": "*fp32" if drop else "*i32"}  # fmt: skip
