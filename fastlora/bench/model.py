@@ -4,11 +4,14 @@ A ``transformers.LlamaForCausalLM`` is built from a config with random weights (
 dtype; every implementation starts from a copy of the same weights and trains r = 16, alpha = 32 LoRA
 factors on all linear layers but the output head, on the same random tokens (labels = inputs):
 
-    fastlora-nf4   fastlora.inject(model, r=16, target_modules="all-linear", quantize="nf4")  (QLoRA)
+    fastlora-nf4   fastlora.inject(model, r=16, target_modules="all-linear", quantize="nf4", fuse_blocks=False)
+                   (QLoRA, one op per projection)
+    fastlora-nf4-fused-blocks  the same with fused blocks (inject's default): q/k/v one op, gate/up + SwiGLU one op
     peft+bnb-nf4   every linear replaced by bnb.nn.Linear4bit with the same NF4 bytes (blocksize 64, double
                    quantisation), then peft.get_peft_model: the usual QLoRA recipe (without gradient
                    checkpointing or prepare_model_for_kbit_training, which would change what is compared)
-    fastlora       fastlora.inject without quantisation: bf16 LoRA
+    fastlora       fastlora.inject without quantisation: bf16 LoRA, one op per projection
+    fastlora-fused-blocks  the same with fused blocks
     peft           peft.get_peft_model on the bf16 model: bf16 LoRA (peft keeps its LoRA factors in fp32)
 
 Guard, before timing: one forward + backward on a short sequence; the loss and the gradient of every
@@ -38,7 +41,7 @@ from fastlora.bench.layer import bnb_linear4bit
 from fastlora.bench.records import FAILED, SKIPPED, Record
 from fastlora.bench.timing import DTYPES, TimerConfig, measure
 
-IMPLS = ("fastlora-nf4", "peft+bnb-nf4", "fastlora", "peft")
+IMPLS = ("fastlora-nf4", "fastlora-nf4-fused-blocks", "peft+bnb-nf4", "fastlora", "fastlora-fused-blocks", "peft")
 REFERENCES = ("peft+bnb-nf4", "peft")
 STEP_TIMER = TimerConfig(warmup=2, min_reps=5, max_reps=20, rep_ms=3000.0)
 QUICK_STEP_TIMER = TimerConfig(warmup=2, min_reps=5, max_reps=10, rep_ms=500.0)
@@ -118,8 +121,9 @@ def build(name: str, base: nn.Module, r: int) -> nn.Module:
     if name.startswith("fastlora"):
         from fastlora.methods.lora import inject
 
-        quant = "nf4" if name.endswith("nf4") else None
-        return inject(model, r=r, lora_alpha=ALPHA_PER_R * r, target_modules="all-linear", quantize=quant)
+        quant = "nf4" if "nf4" in name else None
+        return inject(model, r=r, lora_alpha=ALPHA_PER_R * r, target_modules="all-linear", quantize=quant,
+                      fuse_blocks=name.endswith("fused-blocks"))  # fmt: skip
     try:
         import peft
     except ImportError as e:
@@ -229,7 +233,7 @@ def guarded(case: ModelCase, name: str, *, cuda: bool, cache: dict | None = None
     placed = load_init(model, init)
     if placed != len(init):
         raise guard.WrongResult(f"{name}: LoRA was put on {placed} layers, expected {len(init)}")
-    ref = cache["refs"][name.endswith("nf4")]
+    ref = cache["refs"]["nf4" in name]
     errors = guard.check(name, loss_and_grads(model, cache["guard_ids"]), ref, DTYPES[case.dtype], cache["baseline"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
