@@ -141,6 +141,12 @@ def test_slots_unload_and_reuse():
         mixed = model(ids, adapter_names=names).logits
         for i, name in enumerate(names):
             assert rel_error(mixed[i : i + 1], _alone(model, name, ids[i : i + 1]).logits) < 1e-5
+    with torch.inference_mode():  # pools made under inference_mode, then rewritten outside it
+        model(ids, adapter_names=names)
+    layer = model.model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        layer.adapters["d"].lora_B.mul_(2)  # a parameter change: the slot is rewritten from the new version
+        assert rel_error(model(ids, adapter_names=names).logits[:1], _alone(model, "d", ids[:1]).logits) < 1e-5
 
 
 def test_refusals():

@@ -61,9 +61,12 @@ class LayerPool:
         self.keys: list[tuple | None] = [None] * slots
 
     def fits(self, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> bool:
-        return (
-            self.a.shape[0] >= slots and self.a.shape[1] >= rank and self.a.dtype == dtype and self.a.device == device
-        )
+        a = self.a
+        return a.shape[0] >= slots and a.shape[1] >= rank and a.dtype == dtype and a.device == device
+
+    def writable(self) -> bool:
+        """False for a pool made under inference_mode, now outside it (cannot be written in place: a new one)."""
+        return not self.a.is_inference() or torch.is_inference_mode_enabled()
 
 
 def _slot_adapters(layer: nn.Module, names: Sequence[str | None]) -> list:
@@ -109,7 +112,7 @@ def refresh_pool(layer: nn.Module, names: Sequence[str | None], dtype: torch.dty
     rank = max([a.r for a in adapters if a is not None], default=1)
     device = layer.weight.device
     pool = layer.__dict__.get("_multi_pool")
-    if pool is None or not pool.fits(len(names), rank, dtype, device):
+    if pool is None or not pool.fits(len(names), rank, dtype, device) or not pool.writable():
         slots = max(len(names), pool.a.shape[0] if pool is not None else 0)
         rank = max(rank, pool.a.shape[1] if pool is not None else 0)
         pool = LayerPool(slots, rank, layer, dtype, device)
