@@ -146,6 +146,16 @@ def test_grouped_grads_split_segments_match_float64_reference():
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True)), "not reproducible"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_rows(backend, monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    x = torch.randn(0, 16, requires_grad=True)
+    pa, pb = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 12, 8, requires_grad=True)
+    y = lora_linear_multi(x, torch.randn(12, 16), None, pa, pb, torch.rand(4), torch.zeros(0, dtype=torch.int32))
+    y.sum().backward()
+    assert y.shape == (0, 12) and not pa.grad.any() and not pb.grad.any() and x.grad.shape == (0, 16)
+
+
 def test_per_row_mask_is_the_single_adapter_mask():
     """Row m of slot i keeps exactly where dropout_keep_mask at p_i keeps (the same counter-based hash)."""
     p = torch.tensor([0.1, 0.5, 0.3])

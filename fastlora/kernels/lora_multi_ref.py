@@ -83,7 +83,7 @@ def _narrow(t: torch.Tensor, idx: torch.Tensor, r: int) -> torch.Tensor:
     """(M, S·R) -> (M, R): row m's columns of slot idx[m] (zero for idx -1)."""
     slot, live = _slot(idx)
     m = t.shape[0]
-    got = t.view(m, -1, r).gather(1, slot[:, None, None].expand(m, 1, r))[:, 0]
+    got = t.view(m, t.shape[1] // max(r, 1), r).gather(1, slot[:, None, None].expand(m, 1, r))[:, 0]
     return got * live.to(t.dtype)[:, None]
 
 
