@@ -135,3 +135,19 @@ def test_opcheck():
             "")  # fmt: skip
     torch.library.opcheck(torch.ops.fastlora.lora_group.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
+
+
+def test_native_decode_row():
+    """4-bit members at decode size on a CPU: the native GEMV per member (the default where the extension is built)."""
+    from fastlora import dispatch, native
+    from fastlora.ops.lora_group_paths import OP_GROUP
+
+    if not native.is_built():
+        pytest.skip("the native extension is not built")
+    assert dispatch.choose(OP_GROUP, "cpu", None, m=3, quantized=True).backend == "native"
+    members = [_member(24, 4, "nf4", 0.0, True, torch.float32, 1), _member(16, 0, "nf4", 0.0, False, torch.float32, 2)]
+    x = torch.randn(3, K)
+    got = _run(lambda x, ms, a: lora_group(x, ms), x, [_as(m, torch.float32) for m in members], None)
+    ref = _run(lora_group_ref, x.double(), [_as(m, torch.float64) for m in members], None)
+    for g, r in zip(got, ref, strict=True):
+        assert rel_error(g, r) <= FLOOR[torch.float32]

@@ -82,8 +82,9 @@ def _lora_group_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ms = members_of(weights, biases, lora_as, lora_bs, absmax, nested_absmax, nested_code, quants, blocksizes, shapes,
                   dtypes, offsets, scales, dropout_ps, seeds)  # fmt: skip
-    choice = dispatch.choose(OP_GROUP, x.device, backend or None)
-    u = down(x, ms, choice.backend)
+    quantized = all(m.state is not None for m in ms)
+    choice = dispatch.choose(OP_GROUP, x.device, backend or None, m=x.shape[0], quantized=quantized)
+    u = down(x, ms, "torch" if choice.backend == "native" else choice.backend)
     chosen = _path(OP, choice.backend, path, x.shape[0], x.shape[1], ms[-1].hi, ms, x.dtype)
     y = choice.fn(x, ms, u, choice.backend, chosen)
     if not act:
@@ -128,7 +129,7 @@ def _lora_group_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     ms = members_of(weights, [None] * len(weights), lora_as, lora_bs, absmax, nested_absmax, nested_code, quants,
                   blocksizes, shapes, dtypes, offsets, scales, dropout_ps, seeds)  # fmt: skip
-    choice = dispatch.choose(OP_GROUP_DX, grad.device, backend or None)
+    choice = dispatch.choose(OP_GROUP_DX, grad.device, None if backend == "native" else backend or None)
     if act:  # the stacked gradient [d_gate | d_up] from dh, act(gate) recomputed from the saved pre-activation
         glu = glu_kernels.glu_backward if choice.backend == "triton" else glu_ref.glu_backward
         grad = glu(grad, pre, act)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastlora import _alloc, dispatch
+from fastlora import _alloc, dispatch, native
 from fastlora.kernels import lora as lora_kernels
 from fastlora.kernels.dequant import dequantize_4bit_into
 from fastlora.ops import lora_paths, scratch
@@ -178,6 +178,26 @@ def _input_grad_stacked(g, ms, vs, backend, path):
     return _base_mm(dx, g, ms, backend, False)
 
 
+def _decode_only(facts) -> str | None:
+    if not facts["quantized"]:
+        return "the native GEMV takes 4-bit weights (every member)"
+    if facts["m"] > native.MAX_DECODE_M:
+        return f"the native GEMV takes at most {native.MAX_DECODE_M} rows, got {facts['m']}"
+    return None
+
+
+def _forward_native(x, ms, u, backend, path):
+    """Decode: the native GEMV per member (W read once, dequantised in registers) into Y's slices."""
+    y = _alloc.empty((x.shape[0], ms[-1].hi), dtype=x.dtype, device=x.device)
+    for m in ms:
+        lora = {"lora_b": m.b, "lora_u": u[:, m.ulo : m.uhi]} if m.a.shape[0] > 0 else {}
+        y[:, m.lo : m.hi] = native.gemv_4bit(x, m.weight, m.state, m.bias, scale=m.scale, **lora)
+    return y
+
+
+# as lora_linear's forward: the native GEMV is the decode default where built (4-bit members, M <= 16)
+dispatch.register(OP_GROUP, "native", devices=("cpu", "cuda"), default_on=("cpu", "cuda"), when=_decode_only,
+                  available=native.unavailable_reason)(_forward_native)  # fmt: skip
 for _backend, _kw in (("triton", {"devices": ("cuda",), "default_on": ("cuda",)}), ("torch", {})):
     dispatch.register(OP_GROUP, _backend, **_kw)(_forward_stacked)
     dispatch.register(OP_GROUP_DX, _backend, **_kw)(_input_grad_stacked)
