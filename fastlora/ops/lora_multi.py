@@ -25,8 +25,9 @@ Which kernel runs when (``backend`` / ``FASTLORA_BACKEND``, ``path`` / ``FASTLOR
                   when the extension is built): the decode GEMV, W streamed once, each row's s_i·u·B_iᵀ in its
                   epilogue; registered before the Triton row, so it is preferred where both can run
 
-No host sync inside the op: the grouping is an argsort and a searchsorted on the device. The eager wrapper
-checks adapter_idx's range (one device sync on CUDA); under torch.compile that check is skipped (an index out
+No host sync inside the op: the grouping is a sort and a searchsorted on the device. The eager wrapper checks
+adapter_idx's range and dropout_p's values with one device sync on CUDA (``check_values=False`` skips it, for a
+caller that validated the indices once per model pass); under torch.compile the check is skipped (an index out
 of range is then undefined behaviour, as for any gather).
 """
 
@@ -216,8 +217,8 @@ def _fail(what: str) -> None:
     raise ValueError(f"fastlora lora_linear_multi: {what}")
 
 
-def _check(x, weight, bias, pool_a, pool_b, scales, idx, state, dropout_p, m) -> None:
-    """Shapes, dtypes and devices; the value checks (index range, p in [0, 1)) only in eager mode."""
+def _check(x, weight, bias, pool_a, pool_b, scales, idx, state, dropout_p, m, check_values) -> None:
+    """Shapes, dtypes and devices; the value checks (index range, p in [0, 1)) in eager mode when asked."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"fastlora lora_linear_multi: x must be float32/float16/bfloat16/float64, got {x.dtype}")
     if pool_a.dim() != 3 or pool_b.dim() != 3:
@@ -249,12 +250,15 @@ def _check(x, weight, bias, pool_a, pool_b, scales, idx, state, dropout_p, m) ->
     for name, t in tensors:
         if t is not None and t.device != x.device:
             _fail(f"{name} is on {t.device}, x on {x.device}: every tensor must be on x's device")
-    if torch.compiler.is_compiling() or m == 0:
+    if torch.compiler.is_compiling() or not check_values or m == 0:
         return
-    lo, hi = int(idx.min()), int(idx.max())
+    stats = [idx.min().long(), idx.max().long()]
+    if dropout_p is not None and s > 0:
+        stats.append(((dropout_p < 0) | (dropout_p >= 1)).any().long())
+    lo, hi, *bad_p = torch.stack(stats).tolist()  # one device sync for every value check
     if lo < -1 or hi >= s:
         _fail(f"adapter_idx values must be in [-1, {s}) (-1: the bare base), got values in [{lo}, {hi}]")
-    if dropout_p is not None and s > 0 and not bool(((dropout_p >= 0) & (dropout_p < 1)).all()):
+    if bad_p and bad_p[0]:
         _fail(f"dropout_p values must be in [0, 1), got {dropout_p.tolist()}")
 
 
@@ -272,6 +276,7 @@ def lora_linear_multi(
     seed: int = 0,
     backend: str | None = None,
     path: str | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """``y[m] = x[m] Wᵀ + b + scales[i] · d_i(x[m]) A_iᵀ B_iᵀ`` with ``i = adapter_idx[m]`` (no LoRA term at -1).
 
@@ -288,6 +293,8 @@ def lora_linear_multi(
         backend: "torch", "triton" or "native" (see the module docstring's table); default ``FASTLORA_BACKEND``,
             else by device.
         path: "fused" or "dequant_gemm" for the Triton forward; default ``FASTLORA_PATH``, else by size.
+        check_values: check adapter_idx's range and dropout_p's values (one device sync on CUDA, skipped under
+            torch.compile). A caller that validated the indices once for a whole model pass may pass False.
 
     Returns:
         (..., N) in x's dtype. Differentiable in x, bias, pool_a and pool_b (gradients of the pools' full
@@ -302,7 +309,7 @@ def lora_linear_multi(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    _check(x, weight, bias, pool_a, pool_b, scales, adapter_idx, quant_state, dropout_p, x2.shape[0])
+    _check(x, weight, bias, pool_a, pool_b, scales, adapter_idx, quant_state, dropout_p, x2.shape[0], check_values)
     idx = adapter_idx.to(torch.int32)
     quant = QuantArgs.dense(weight) if quant_state is None else quant_state.op_args()
     dispatch.requested_backend(backend, op=OP)  # an unknown name fails here, not inside the op
