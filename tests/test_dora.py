@@ -186,6 +186,34 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(got, w)
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~10 s a graph with a warm cache, minutes cold on 2 cores
+@pytest.mark.parametrize("path", [None, "dequant_gemm"], ids=["default", "dequant_gemm"])
+def test_compile_inductor_fullgraph_forward_backward(path, monkeypatch):
+    """The default backend (inductor) on the CPU, fullgraph: fastlora's ops stay opaque (their fakes give the
+    shapes), inductor compiles the elementwise DoRA epilogue (g = m / norm, z ⊙ g + b) and its backward."""
+    from helpers import compiler_available
+
+    if not compiler_available():
+        pytest.skip("inductor needs a C++ compiler on the CPU")
+    if path:
+        monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+        monkeypatch.setenv("FASTLORA_PATH", path)
+    fast, _ = _pair(quant="nf4")
+    x = torch.randn(4, 37, requires_grad=True)
+    eager = fast(x)
+    (eager * torch.linspace(-1, 1, 23)).sum().backward()
+    own = [fast.lora_A, fast.lora_B, fast.lora_magnitude_vector]
+    want = [w.clone() for w in _grads(own, x)]
+    fast.zero_grad()
+    x.grad = None
+    torch._dynamo.reset()
+    out = torch.compile(fast, fullgraph=True)(x)
+    (out * torch.linspace(-1, 1, 23)).sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for got, w in zip(_grads(own, x), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_unmerge_float_exact_and_4bit_dense():
     fast, ref = _pair()
     x = torch.randn(5, 37)

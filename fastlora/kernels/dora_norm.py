@@ -36,17 +36,18 @@ MAX_RANK = 64  # RP in (16, 32, 64): above, fastlora.ops.dora keeps its two-pass
 TARGET_PROGRAMS = 528  # 4 programs per SM of an H100/H200 (132 SMs): the K split aims at this many
 
 
-def num_warps(dtype: torch.dtype, aligned: bool) -> int:
-    """4 warps for the fp16/bf16 aligned variant (126-168 registers, sm_80/sm_90); the fp32 IEEE dot at RP >= 32
-    and the general (element-gather) variant spill on 4 warps (255 registers + stack), so they take 8."""
-    return 4 if aligned and dtype != torch.float32 else 8
-
-
 def supports(dtype: torch.dtype, k: int, blocksize: int, r: int) -> bool:
-    """Whether :func:`dequant_norm_into` takes this case: 0 < r <= MAX_RANK, and not fp32 with an odd / unaligned K
-    (that variant spills on sm_90 even on 8 warps: 255 registers + 80 bytes of stack, triton 3.9)."""
-    aligned = k % 2 == 0 and k % blocksize == 0
-    return 0 < r <= MAX_RANK and (aligned or dtype != torch.float32)
+    """Whether :func:`dequant_norm_into` takes this case: 0 < r <= MAX_RANK and fp16/bf16 (fp32 too under the
+    interpreter, where every dtype's dot is the same IEEE fp32 one). fp32 on a GPU keeps the two-pass norm: its
+    IEEE dot costs RP FMAs a weight (16-64) against the ~5 weights an SM must dequantise a cycle at HBM speed,
+    and its variants spill (triton 3.6, sm_90, 8 warps, RP = 32: 4 spills; 3.9, 4 warps: 255 registers + stack)."""
+    return 0 < r <= MAX_RANK and (dtype != torch.float32 or dispatch.interpreting())
+
+
+def num_warps(aligned: bool) -> int:
+    """4 warps for the aligned variant (118-168 registers, sm_80/sm_90, triton 3.6 and 3.9); the general
+    (element-gather) variant spills on 4 (255 registers + stack) and takes 8 (169-220 registers)."""
+    return 4 if aligned else 8
 
 
 def rank_tile(r: int) -> int:
@@ -130,8 +131,8 @@ def _check(packed: torch.Tensor, state: QuantState, lora_a: torch.Tensor, out: t
         raise ValueError(f"dequant_norm_into: out must be ({n}, {k}) fp32/fp16/bf16 with column stride 1, "
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")  # fmt: skip
     if lora_a.dim() != 2 or lora_a.shape[1] != k or not supports(out.dtype, k, state.blocksize, r):
-        raise ValueError(f"dequant_norm_into: lora_a must be (r, {k}) with 0 < r <= {MAX_RANK} (and K aligned to "
-                         f"the blocks for fp32), got {tuple(lora_a.shape)} {out.dtype}")  # fmt: skip
+        raise ValueError(f"dequant_norm_into: lora_a must be (r, {k}) with 0 < r <= {MAX_RANK}, out fp16/bf16 (fp32 "
+                         f"only under the interpreter), got {tuple(lora_a.shape)}, {out.dtype}")  # fmt: skip
     if out.device != packed.device or lora_a.device != packed.device:
         raise ValueError("dequant_norm_into: packed, lora_a and out must be on one device")
     if n * k >= 2**31:
@@ -176,7 +177,7 @@ def dequant_norm_into(
         n, k, r, kch, out.stride(0) if n > 1 else k, a.stride(0) if r > 1 else k, int(math.log2(state.blocksize)),
         ALIGNED=aligned, FP4=state.quant_type == "fp4", NESTED=nested is not None,
         ASM_LUT=not interp, ROUND_BITS=interp, FP32_DOT=out.dtype == torch.float32 or interp,
-        ROWS=ROWS, BC=BC, RP=rp, num_warps=num_warps(out.dtype, aligned), enable_fp_fusion=False,
+        ROWS=ROWS, BC=BC, RP=rp, num_warps=num_warps(aligned), enable_fp_fusion=False,
     )  # fmt: skip
     if split > 1:
         return out, sq.sum(0), wa.sum(0)[:, :r]
@@ -199,11 +200,10 @@ def _register_aot_specs() -> None:
         **dict.fromkeys(("N", "K", "R", "kch", "stride_out", "stride_a", "log2_blocksize"), "i32"),
     }
     flags = ("ALIGNED", "FP4", "NESTED", "ASM_LUT", "ROUND_BITS", "FP32_DOT", "ROWS", "BC", "RP")
-    for dtype, ptr in TL_POINTER.items():
+    for dtype in (torch.float16, torch.bfloat16):  # fp32 is not launched on a GPU (see supports)
+        ptr = TL_POINTER[dtype]
         for nested in (False, True):
             for rp, aligned in ((16, True), (32, True), (64, True), (16, False)):
-                if dtype == torch.float32 and not aligned:
-                    continue  # not launched (see supports)
                 sig = dict(common, absmax_ptr="*u8" if nested else "*fp32", a_ptr=ptr, out_ptr=ptr)
                 pointers = tuple(name for name, t in sig.items() if t.startswith("*"))
                 ints = ("N", "K", "kch", "stride_out", "stride_a") if aligned else ()
@@ -223,7 +223,7 @@ def _register_aot_specs() -> None:
                             "BC": BC,
                             "RP": rp,
                         },
-                        num_warps=num_warps(dtype, aligned),
+                        num_warps=num_warps(aligned),
                         div16=(*pointers, *ints),
                     )
                 )
