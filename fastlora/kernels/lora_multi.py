@@ -205,6 +205,11 @@ GATHER_CONFIGS = {"tc": _C({"BK": 256}, num_warps=4, num_stages=2), "fp32": _C({
                   num_stages=2), "interp": _C({"BK": 32})}  # fmt: skip
 
 
+def up_br(r: int) -> int:
+    """The up kernel's R step: at most 32 (R loops beyond): BR = 64 spills on sm_80 with triton 3.6 (64 x 128 tile)."""
+    return min(r_tile(r), 32)
+
+
 def _kind(dtype: torch.dtype) -> str:
     if dispatch.interpreting():
         return "interp"
@@ -279,7 +284,7 @@ def _up(u, l, l_strides, n, idx, scales, bias, dropout_p, seed):
     kind = _kind(u.dtype)
     args = (u, l, bias if bias is not None else out, out, perm, sidx, scales if scales is not None else out, thr, inv,
             m, n, r, triton.next_power_of_2(m), *u.stride(), *l_strides, *out.stride(), key)  # fmt: skip
-    flags = {"HAS_SCALE": scales is not None, "HAS_BIAS": bias is not None, "DROPOUT": dropout, "BR": r_tile(r)}
+    flags = {"HAS_SCALE": scales is not None, "HAS_BIAS": bias is not None, "DROPOUT": dropout, "BR": up_br(r)}
     _go(_grouped_up_kernel, lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"])), args, flags,
         UP_CONFIGS, kind)  # fmt: skip
     return out

@@ -58,7 +58,7 @@ def _grouped(dtype: torch.dtype, br: int) -> None:
         ls, lr, ln = (N * R, 1, R) if fwd else (R * K, K, 1)
         values = dict(M=M, N=N, R=R, M_BUCKET=M, stride_um=R, stride_ur=1, stride_ls=ls, stride_lr=lr, stride_ln=ln,
                       stride_om=N, stride_on=1, key=KEY if drop else 0)  # fmt: skip
-        flags = {"HAS_SCALE": fwd, "HAS_BIAS": bias, "DROPOUT": drop, **fp32_dot}
+        flags = {"HAS_SCALE": fwd, "HAS_BIAS": bias, "DROPOUT": drop, **fp32_dot, "BR": grouped.up_br(br)}
         name = f"lora_multi_up[{tag},{what}{'-bias' if bias else ''}{'-drop' if drop else ''}]"
         _spec(name, grouped._grouped_up_kernel, {**types, **dict.fromkeys(values, "i32")}, values, flags,
               grouped.UP_CONFIGS[kind])  # fmt: skip
