@@ -175,3 +175,15 @@ def test_rows_index_expands_examples_to_rows():
     idx = torch.tensor([2, -1, 0])
     assert rows_index(idx, torch.zeros(3, 2, 5)).tolist() == [2, 2, -1, -1, 0, 0]
     assert rows_index(idx, torch.zeros(6, 5)).dtype == torch.int32
+
+
+def test_bench_multi_suite_runs_and_guards():
+    from fastlora.bench import multi
+    from fastlora.bench.timing import TimerConfig
+
+    case = multi.MultiCase("layer", 64, 40, 6, 3, "fp32")
+    timer = TimerConfig(warmup=0, min_reps=1, max_reps=1, rep_ms=0.0)
+    recs = multi.run([case], cuda=False, timer=timer, impls=("fastlora-multi", "fastlora-one", "fastlora-per-adapter"))
+    assert [(r.impl, r.status) for r in recs] == [(i, "ok") for i in ("fastlora-multi", "fastlora-one",
+                                                                       "fastlora-per-adapter")]  # fmt: skip
+    assert all(r.max_rel_err < 1e-5 for r in recs)

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 
-SUITE_CHOICES = ("layer", "model", "decode", "adapter", "all")
+SUITE_CHOICES = ("layer", "model", "decode", "adapter", "multi", "all")
 
 
 def _ints(text: str) -> list[int]:
@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "Every implementation is checked against a higher-precision reference before it is timed; a "
         "wrong one is reported as FAILED and never timed.",
     )
-    p.add_argument("--suite", type=_suites, default="all", metavar="{layer,model,decode,adapter,all}",
+    p.add_argument("--suite", type=_suites, default="all", metavar="{layer,model,decode,adapter,multi,all}",
                    help="suite(s) to run, comma-separated (default: all)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="reduced cases and a shorter timer (the CPU smoke run)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: ./fastlora-bench/<date>_<device>)")

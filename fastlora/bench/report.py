@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastlora.bench import adapter, decode, layer, model
+from fastlora.bench import adapter, decode, layer, model, multi
 from fastlora.bench.records import OK, Record
 
 # suite -> the implementations every row is compared with (one t/t(ref) column each)
@@ -22,8 +22,9 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "dequant": decode.DEQUANT_REFERENCES,
     "model": model.REFERENCES,
     "adapter": adapter.REFERENCES,
+    "multi": multi.REFERENCES,
 }
-SUITE_ORDER = ("layer", "decode", "dequant", "model", "adapter")
+SUITE_ORDER = ("layer", "decode", "dequant", "model", "adapter", "multi")
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -62,7 +63,7 @@ def columns(suite: str) -> list[Column]:
         ("ms", lambda r, m: _time(r)),
         ("q20-q80", lambda r, m: _spread(r)),
     ]
-    if suite == "model":
+    if suite in ("model", "multi"):
         head.append(("tokens/s", lambda r, m: _f(r.tokens_per_s, ",.0f")))
     head.append(("TFLOP/s", lambda r, m: _f(r.tflops, ".3g")))
     if suite != "model":

@@ -13,16 +13,17 @@ from typing import Any
 
 import torch
 
-from fastlora.bench import adapter, cases, decode, layer, model, records, report
+from fastlora.bench import adapter, cases, decode, layer, model, multi, records, report
 from fastlora.bench.records import FAILED, Record
 from fastlora.bench.timing import DEFAULT_TIMER, DTYPES, QUICK_TIMER, device_peaks
 
-SUITES = ("layer", "decode", "model", "adapter")
+SUITES = ("layer", "decode", "model", "adapter", "multi")
 ALL_IMPLS = {
     "layer": layer.IMPLS,
     "decode": decode.IMPLS + decode.DEQUANT_IMPLS,
     "model": model.IMPLS,
     "adapter": adapter.IMPLS,
+    "multi": multi.IMPLS,
 }
 
 
@@ -118,6 +119,9 @@ def run_benchmarks(
         elif suite == "adapter":
             adapter.run(cases.adapter_cases(quick=quick, tokens=ov.tokens, dtypes=ov.dtypes), cuda=cuda, timer=timer,
                         passes=passes, impls=impls, on_record=emit)  # fmt: skip
+        elif suite == "multi":
+            multi.run(multi.multi_cases(quick=quick, cuda=cuda, dtypes=ov.dtypes), cuda=cuda, timer=timer, impls=impls,
+                      on_record=emit)  # fmt: skip
     for suite, refs in report.REFERENCES.items():
         records.add_ratios([r for r in out if r.suite == suite], refs)
     return meta, out

@@ -149,14 +149,9 @@ class LoraModel(WrappedModel):
         return self.disable()
 
     # many adapters on one base: methods/lora/multi.py
-    def forward(self, *args, adapter_names=None, adapter_index=None, **kwargs):
-        return multi.forward(self, args, kwargs, adapter_names, adapter_index)
-
-    def generate(self, *args, adapter_names=None, adapter_index=None, **kwargs):
-        return multi.generate(self, args, kwargs, adapter_names, adapter_index)
-
-    adapter_slot, adapter_slots, mixed_batch = multi.adapter_slot, multi.adapter_slots, multi.mixed_batch
+    forward, generate, mixed_batch = multi.forward, multi.generate, multi.mixed_batch
     train_adapters, hot_swap, unload_slot = multi.train_adapters, multi.hot_swap, multi.unload_slot
+    adapter_slot, adapter_slots = multi.adapter_slot, multi.adapter_slots
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)

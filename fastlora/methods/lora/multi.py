@@ -127,8 +127,9 @@ def _compute_dtype(layer) -> torch.dtype:
     return layer.quant_state.dtype if layer.quant_state is not None else layer.weight.dtype
 
 
-def forward(model, args, kwargs, adapter_names=None, adapter_index=None):
-    """The host's forward, per-example adapters when ``adapter_names`` or ``adapter_index`` is given."""
+def forward(model, *args, adapter_names=None, adapter_index=None, **kwargs):
+    """The host's forward; with ``adapter_names`` (one name per example, ``"__base__"``: the base) or
+    ``adapter_index`` ((B,) int tensor of slots, -1: the base) each example runs on its own adapter."""
     if adapter_names is not None and adapter_index is not None:
         raise ValueError("fastlora: pass adapter_names or adapter_index, not both")
     choice = adapter_names if adapter_names is not None else adapter_index
@@ -138,7 +139,7 @@ def forward(model, args, kwargs, adapter_names=None, adapter_index=None):
         return model.model(*args, **kwargs)
 
 
-def generate(model, args, kwargs, adapter_names=None, adapter_index=None):
+def generate(model, *args, adapter_names=None, adapter_index=None, **kwargs):
     """The host's ``generate`` with per-example adapters (each prompt's rows, beams included, on its adapter)."""
     choice = adapter_names if adapter_names is not None else adapter_index
     if choice is None:
