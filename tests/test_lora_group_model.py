@@ -179,3 +179,25 @@ def test_torch_compile_matches_eager():
         expected = model(input_ids=ids).logits
         compiled = torch.compile(model.model, backend="eager")
         torch.testing.assert_close(compiled(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(model, ids):
+    """Bytes of the distinct storages autograd saves for the backward of one forward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+def test_gated_mlp_saves_one_intermediate_less():
+    """Eager SwiGLU saves gate, act(gate), up and h (down_proj's input); the fused op saves [gate | up] and h:
+    exactly I elements a token a layer less."""
+    ids = _batch()
+    fused, plain = (_saved_bytes(_inject("llama", fuse), ids) for fuse in (True, False))
+    per_token_layer = (plain - fused) / ids.numel() / LLAMA["num_hidden_layers"]
+    assert per_token_layer == LLAMA["intermediate_size"] * 4  # fp32
