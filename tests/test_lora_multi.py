@@ -132,7 +132,7 @@ def test_grouped_grads_split_segments_match_float64_reference():
     """dA, dB with each segment split in parts (fp32 planes summed in order: M > 64 rows a slot here), and v."""
     from fastlora.kernels import lora_multi, lora_multi_ref
 
-    m, k, n, s, r = 150, 40, 24, 2, 4  # parts = cdiv(M, S·4·BM) = 2 with the interpreter's BM = 16
+    m, k, n, s, r = 150, 40, 24, 2, 36  # parts = cdiv(M, S·4·BM) = 2 (interpreter BM = 16); r tiles of 32: 2
     g, x, u = torch.randn(m, n), torch.randn(m, k), torch.randn(m, r)
     pool_a, pool_b, scales = torch.randn(s, r, k), torch.randn(s, n, r), torch.rand(s)
     idx = torch.randint(-1, 1, (m,), dtype=torch.int32)  # slot 1 empty

@@ -206,7 +206,8 @@ GATHER_CONFIGS = {"tc": _C({"BK": 256}, num_warps=4, num_stages=2), "fp32": _C({
 
 
 def up_br(r: int) -> int:
-    """The up kernel's R step: at most 32 (R loops beyond): BR = 64 spills on sm_80 with triton 3.6 (64 x 128 tile)."""
+    """The R tile of the up and reduce kernels: at most 32 (R loops, or more r programs, beyond): BR = 64 spilled
+    one register on sm_80 with triton 3.6 in both (64 x 128 and 128 x 64 fp32 accumulators)."""
     return min(r_tile(r), 32)
 
 
@@ -309,7 +310,7 @@ def _reduce(x, y, out, out_strides, c, idx, scales, dropout_p, seed):
         return out
     perm, _, seg = group_rows(idx, s)
     dropout, key, thr, inv = _drop(dropout_p, seed, perm)
-    br, kind = r_tile(r), _kind(x.dtype)
+    br, kind = up_br(r), _kind(x.dtype)
     cfg = REDUCE_CONFIGS[kind].kwargs
     tiles = s * triton.cdiv(c, cfg["BC"]) * triton.cdiv(r, br)
     parts = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(m, s * 4 * cfg["BM"])))

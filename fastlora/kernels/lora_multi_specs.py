@@ -71,7 +71,7 @@ def _grouped(dtype: torch.dtype, br: int) -> None:
         values = dict(C=N if db else K, R=R, P=2 if planes else 1, stride_xm=K, stride_xc=1, stride_ym=R, stride_yr=1,
                       stride_op=S * K * R if planes else 0, stride_os=out_strides[0], stride_oc=out_strides[1],
                       stride_or=out_strides[2], key=KEY if drop else 0)  # fmt: skip
-        flags = {"HAS_SCALE": db, "DROPOUT": drop, **fp32_dot}
+        flags = {"HAS_SCALE": db, "DROPOUT": drop, **fp32_dot, "BR": grouped.up_br(br)}
         name = f"lora_multi_reduce[{tag},{what}{'-drop' if drop else ''}{'-parts' if planes else ''}]"
         _spec(name, grouped._segment_reduce_kernel, {**types, **dict.fromkeys(values, "i32")}, values, flags,
               grouped.REDUCE_CONFIGS[kind])  # fmt: skip
