@@ -98,8 +98,8 @@ dispatch.register(OP_GRADS, "triton", **_triton)(kernels.multi_grads)
 
 
 def _path(op, backend, path, m, k, n, state, dtype) -> str:
-    """The single-adapter planner's decision (its crossover table), reused: the grouped LoRA term is a few
-    percent of the base's bytes at decode, so the base decides."""
+    """The single-adapter planner's decision (its crossover table), reused: both paths read the batch's adapters
+    once (fused: B_i gathered into the tile; dequant_gemm: by the grouped C kernel), so the base's cost decides."""
     quant = None if state is None else state.quant_type
     return decide_path(op, backend, path or None, m, k, n, quant, dtype)[0]
 
