@@ -18,11 +18,10 @@ LoRA's (``fastlora::lora_linear_backward``: one dequantisation) on dz = g ⊙ dy
 
 Elsewhere (small M: the fused kernel or the native GEMV; dense bases; the reference) ‖W_n‖² is frozen
 (computed once per base weight by :func:`weight_row_sqnorm`, row-chunked) and W Aᵀ (N, r) is one skinny pass
-over W: for a 4-bit W ``lora_linear(A, W)`` with a zero-rank adapter, which reads W packed. That second read
-stays at small M because the forward's own pass there is the fused GEMM (W dequantised in registers, never
-written): emitting W Aᵀ from it would need A's r rows inside every (M, N) tile program, i.e. each N tile
-computing r extra rows; at M ≤ 32 that doubles the tile's work for the same W bytes, the cost of the
-separate pass. Everything accumulates in fp32.
+over W: for a 4-bit W ``lora_linear(A, W)`` with a zero-rank adapter, which reads W packed. At small M that
+is a second read of the packed W beside the forward's fused GEMM (W dequantised in registers, never written).
+It could be folded by running the fused GEMM on the stacked rows [x; A] (M + r rows: one read of W, the A rows'
+outputs (W + s·B A) Aᵀ giving W Aᵀ after subtracting s·B (A Aᵀ)); not done yet. Everything accumulates in fp32.
 
 LoRA dropout (d) costs a second GEMM over W: y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s·d(x) Aᵀ Bᵀ needs both x Wᵀ
 and d(x) Wᵀ, two different left operands of W, so there is no exact one-GEMM form; peft's DoRA computes the same
