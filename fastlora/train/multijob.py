@@ -15,8 +15,9 @@ job. A job that finishes its steps or stops early is frozen (no gradient: the op
 batch; the others go on. So a job trains as its separate run with the same seed and settings would, up to the
 order of float reductions (and dropout's random draws, which differ).
 
-Not supported with several jobs (refused before the model loads): ``--resume`` (the run writes no checkpoints:
-each job's ``adapter`` and ``best`` are its results), several processes, DoRA, the base-rewriting starts
+Checkpoints hold every job's adapter (frozen ones too), the optimiser, schedule, RNG and each job's state, and
+``--resume`` continues bit for bit (tested against a straight run), refusing a run whose jobs changed. Not supported
+with several jobs (refused before the model loads): several processes, DoRA, the base-rewriting starts
 (pissa/olora/loftq: the base is shared), layer decay and LoRA+.
 """
 
@@ -38,7 +39,17 @@ from fastlora.train.loss import _run, loss_count, loss_sum
 from fastlora.train.memory import SavedActivations, make_optimizer, memory_note
 from fastlora.train.metrics import MetricsLog
 from fastlora.train.mixed import concat_batches, job_parameters, mixed, train_only
-from fastlora.train.multijob_setup import JOBS_DIR, Job, MultiSummary, build_jobs_model, job_configs, save_job
+from fastlora.train.multijob_setup import (
+    JOBS_DIR,
+    Job,
+    JobsCheckpointer,
+    MultiRunState,
+    MultiSummary,
+    build_jobs_model,
+    job_configs,
+    job_groups,
+    save_job,
+)
 from fastlora.train.packing import Packer
 from fastlora.train.prepare import RunData, micro_batches, read_data
 from fastlora.train.runtime import TrainingError, _peak_memory_mib, autocast_dtype, lr_lambda
@@ -54,6 +65,7 @@ class MultiJobTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, **kwargs) -> None:
         super().__init__(cfg, **kwargs)
         self.jobs = job_configs(cfg)
+        self.checkpointer = JobsCheckpointer(cfg, self.dist, self.jobs)
         if self.dist.world > 1:
             raise TrainingError("fastlora: several jobs (--job/--jobs) train in one process; launch without torchrun")
         self.names = [job.name for job in self.jobs]
@@ -84,13 +96,9 @@ class MultiJobTrainer(Trainer):
             job.val = self._encode(d.val_records, f"job {job.name}: " + (job.cfg.val_data or "the validation split"))
             job.plan = Plan.make(job.cfg, len(job.train), 1)
             job.params = [p for _, p in job_parameters(self.model, job.name)]
-            for decay in (True, False):
-                params = [p for n, p in job_parameters(self.model, job.name) if decay == (p.ndim >= 2 and not any(
-                    k in n for k in ("bias", "norm", "LayerNorm")))]  # fmt: skip
-                if params:
-                    groups.append({"params": params, "lr": job.cfg.learning_rate, "job": job.name,
-                                   "weight_decay": job.cfg.weight_decay if decay else 0.0})  # fmt: skip
-                    schedules.append(lr_lambda(job.plan.total, job.plan.warmup, job.cfg.schedule))
+            for group in job_groups(self.model, job):
+                groups.append(group)
+                schedules.append(lr_lambda(job.plan.total, job.plan.warmup, job.cfg.schedule))
             job.micro = self.packer(micro_batches(job.train, job.plan, 0, job.cfg, self.dist, self.pad_id, self.task))
         self.trainable = sum(p.numel() for job in self.jobs for p in job.params)
         self.train_examples = [e for job in self.jobs for e in job.train]  # for the header's counts
@@ -107,18 +115,43 @@ class MultiJobTrainer(Trainer):
             self._log(f"  job {job.name}: {len(job.train)} train / {len(job.val)} val examples, {job.plan.total} "
                       f"steps of {job.cfg.batch_size * cfg.grad_accum}, lr {job.cfg.learning_rate:g} "
                       f"({job.cfg.schedule}), r {job.cfg.lora_r}")  # fmt: skip
+        save_every = cfg.save_every or min(job.plan.save_every for job in self.jobs)
         return Plan(total=total, steps_per_epoch=1, grad_accum=cfg.grad_accum, warmup=0, log_every=cfg.log_every,
-                    eval_every=total, save_every=total)  # fmt: skip
+                    eval_every=total, save_every=save_every)  # fmt: skip
 
     def _start(self, plan: Plan) -> RunState:
-        torch.manual_seed(self.cfg.seed)
-        self.metrics.reset()
-        state = RunState()
-        state.before = {}
+        """A fresh, seeded run (each job evaluated before training), or under ``--resume`` the latest checkpoint's
+        state: every job's adapter (frozen ones too), the optimiser, schedule, RNG, each job's state and place."""
+        state = MultiRunState(jobs=self.jobs)
+        if not self.cfg.resume:
+            torch.manual_seed(self.cfg.seed)
+            self.metrics.reset()
+            state.before = {}
+            for job in self.jobs:
+                job.state.before = self.evaluate_job(job)
+                self.metrics.write({"step": 0, "job": job.name, **job.state.before})
+            return state
+        path = self.checkpointer.resumable()
+        train_only(self.model, self.names, self.names)  # every job's parameters are in the checkpoint
+        loaded = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state.restore_jobs(json.load(f)["jobs"])
+        state.__dict__.update({k: v for k, v in vars(loaded).items() if k != "jobs"})
         for job in self.jobs:
-            job.state.before = self.evaluate_job(job)
-            self.metrics.write({"step": 0, "job": job.name, **job.state.before})
+            job.micro = self.packer(micro_batches(job.train, job.plan, job.state.step, job.cfg, self.dist, self.pad_id,
+                                                  self.task))  # fmt: skip
+        train_only(self.model, [job.name for job in self.jobs if not job.done], self.names)
+        self.metrics.trim(state.step)
+        self._log(f"fastlora: resumed from {path} (step {state.step} of {plan.total})")
         return state
+
+    def _checkpoint(self, state: RunState) -> str:
+        """A checkpoint of every job's adapter (frozen ones too), the optimiser, schedule, RNG and run state."""
+        train_only(self.model, self.names, self.names)
+        try:
+            return self.checkpointer.save(state, self.model, self.optimizer, self.scheduler)
+        finally:
+            train_only(self.model, [job.name for job in self.jobs if not job.done], self.names)
 
     # -- loss and evaluation ----------------------------------------------------------------
 
@@ -187,6 +220,8 @@ class MultiJobTrainer(Trainer):
                                         **({"grad_norm": norm} if norm is not None else {})})  # fmt: skip
             for job in active:
                 self._after_step(job, state.step)
+            if plan.saves(state.step):
+                self._checkpoint(state)
             if self.on_step is not None:
                 self.on_step(state.step, self)
 
@@ -250,14 +285,18 @@ class MultiJobTrainer(Trainer):
     # -- the finish ---------------------------------------------------------------------------
 
     def _finish(self, state: RunState, start: float) -> MultiSummary:
-        """Each job's final ``adapter`` (also when interrupted: no checkpoint to resume from), the summary table
-        (a row per job) and ``summary.json``."""
+        """The last checkpoint, each job's final ``adapter`` (unless interrupted: the run continues with
+        ``--resume``), the summary table (a row per job) and ``summary.json``."""
+        path = self._checkpoint(state)
+        interrupted = state.stopped == "interrupted"
+        if interrupted:
+            self._log(f"fastlora: saved {path}; continue with the same command and --resume")
         rows = []
         for job in self.jobs:
-            if not job.saved:
-                self.save_job(job, "adapter")
-            if state.stopped == "interrupted" and not job.done:
+            if interrupted and not job.done:
                 job.state.stopped = "interrupted"
+            elif not job.saved:
+                self.save_job(job, "adapter")
             last = job.state.last_eval
             after = last if last is not None and last["step"] == job.state.step else self.evaluate_job(job)
             trainable = sum(p.numel() for p in job.params)
@@ -268,17 +307,12 @@ class MultiJobTrainer(Trainer):
             rows.append(summary.to_dict())
             self._log(f"fastlora: job {job.name}: {summary.output_dir}/adapter (last), {summary.output_dir}/best "
                       f"(best val); {job.state.stopped}")  # fmt: skip
-        mean = lambda key: sum(r[key] for r in rows) / len(rows) if all(r[key] is not None for r in rows) else None  # noqa: E731
         kind = memory_note(self.device, "GPU allocated" if self.device.type == "cuda" else "process RSS",
                            self.optimizer, self.activations, self.cfg.offload_activations)  # fmt: skip
-        summary = MultiSummary(
-            method=f"{self.cfg.method} ({len(self.jobs)} jobs)", task=self.task, trainable=self.trainable,
-            total=self.total, steps=state.step, examples_seen=state.examples_seen, tokens_per_s=state.tokens_per_s,
-            step_time_s=state.step_time_s, peak_memory_mib=_peak_memory_mib(self.device), memory_kind=kind,
-            best_val_loss=mean("best_val_loss"), val_loss_before=mean("val_loss_before"),
-            val_loss_after=mean("val_loss_after"), val_accuracy_before=mean("val_accuracy_before"),
-            val_accuracy_after=mean("val_accuracy_after"), stopped=state.stopped, output_dir=self.cfg.output_dir,
-            wall_s=time.perf_counter() - start, jobs=rows)  # fmt: skip
+        summary = MultiSummary.of(rows, state, method=f"{self.cfg.method} ({len(self.jobs)} jobs)", task=self.task,
+                                  trainable=self.trainable, total=self.total, memory_mib=_peak_memory_mib(self.device),
+                                  memory_kind=kind, output_dir=self.cfg.output_dir,
+                                  wall_s=time.perf_counter() - start)  # fmt: skip
         if self.packer.line():
             self._log(self.packer.line())
         from fastlora.methods.files import atomic_write

@@ -15,11 +15,13 @@ from torch import nn
 
 from fastlora.methods import lora
 from fastlora.train import methods as M
+from fastlora.train.checkpoint import Checkpointer
 from fastlora.train.config import TrainConfig
 from fastlora.train.durable import replace_dir
 from fastlora.train.jobs import JOB_KEYS
 from fastlora.train.mixed import job_parameters
 from fastlora.train.prepare import RunData, check_causal, enable_checkpointing
+from fastlora.train.rundir import run_settings
 from fastlora.train.runtime import (
     TrainingError,
     _minilm_path,
@@ -54,7 +56,6 @@ def job_configs(cfg: TrainConfig) -> list[Job]:
     exists, its values are in range; and what a multi-job run cannot do refused (a TrainingError)."""
     refuse = [(cfg.method not in ("lora", "qlora"), f"--method {cfg.method} (lora or qlora)"),
               (cfg.data is not None or cfg.val_data is not None, "--data/--val-data (each job names its own)"),
-              (cfg.resume, "--resume (a multi-job run writes no checkpoints; rerun it, or --overwrite)"),
               (cfg.fsdp, "--fsdp"), (cfg.dora, "--dora"), (cfg.init not in ("kaiming", "gaussian"),
               f"--init {cfg.init} (it rewrites the shared base)"), (cfg.layer_decay is not None, "--layer-decay"),
               (cfg.loraplus_ratio is not None, "--loraplus-ratio")]  # fmt: skip
@@ -115,15 +116,81 @@ def build_jobs_model(cfg: TrainConfig, jobs: list[Job], data: RunData, device: t
 
 
 @dataclasses.dataclass
+class MultiRunState(RunState):
+    """The run's state with its jobs (``jobs``: the :class:`Job` objects), whose own states, stop and save flags a
+    checkpoint's ``state.json`` keeps under ``jobs``."""
+
+    jobs: list = dataclasses.field(default_factory=list)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        out = super().to_checkpoint()
+        out["jobs"] = {job.name: {**job.state.to_checkpoint(), "step": job.state.step, "stopped": job.state.stopped,
+                                  "done": job.done, "saved": job.saved} for job in self.jobs}  # fmt: skip
+        return out
+
+    def restore_jobs(self, saved: dict[str, Any]) -> None:
+        """Each job's state, stop and save flags from a checkpoint's ``jobs`` (:meth:`to_checkpoint`)."""
+        for job in self.jobs:
+            mine = saved[job.name]
+            job.state = RunState.from_checkpoint(mine, mine["step"])
+            job.state.stopped, job.done, job.saved = mine["stopped"], mine["done"], mine["saved"]
+
+
+class JobsCheckpointer(Checkpointer):
+    """The run's checkpoints (:class:`Checkpointer`), identified by every job's settings and data files too, so
+    that ``--resume`` refuses a run whose jobs changed, naming each difference."""
+
+    def __init__(self, cfg: TrainConfig, dist, jobs: list[Job]) -> None:
+        super().__init__(cfg, dist)
+        self.jobs = jobs
+
+    def identify(self, model_path: str) -> None:
+        super().identify(model_path)
+        self.settings["jobs"] = [job.name for job in self.jobs]
+        for job in self.jobs:
+            for key, value in run_settings(job.cfg, model_path).items():
+                if key != "model":
+                    self.settings[f"{job.name}.{key}"] = value
+
+
+@dataclasses.dataclass
 class MultiSummary(Summary):
     """A multi-job run's summary: the run's row (its trainable parameters and validation losses the jobs' sums
     and means) and each job's (``jobs``, Summary dicts whose ``method`` reads ``qlora:NAME``)."""
 
     jobs: list = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], state: RunState, *, memory_mib: float, **fields: Any) -> MultiSummary:
+        """The run's summary from its jobs' (``rows``), its own state and ``fields`` (method, task, trainable,
+        total, memory_kind, output_dir, wall_s): the validation figures are the jobs' means."""
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in rows]
+            return None if any(v is None for v in values) else sum(values) / len(values)
+
+        means = {key: mean(key) for key in ("best_val_loss", "val_loss_before", "val_loss_after",
+                                            "val_accuracy_before", "val_accuracy_after")}  # fmt: skip
+        return cls(steps=state.step, examples_seen=state.examples_seen, tokens_per_s=state.tokens_per_s,
+                   step_time_s=state.step_time_s, peak_memory_mib=memory_mib, stopped=state.stopped, jobs=rows,
+                   **means, **fields)  # fmt: skip
+
     @property
     def per_job(self) -> list[Summary]:
         return [Summary(**row) for row in self.jobs]
+
+
+def job_groups(model: nn.Module, job: Job) -> list[dict[str, Any]]:
+    """``job``'s optimiser groups (tagged ``job``): its rate, weight decay on matrices and none on biases and
+    norms (a classifier head's bias)."""
+    groups = []
+    for decay in (True, False):
+        params = [p for n, p in job_parameters(model, job.name)
+                  if decay == (p.ndim >= 2 and not any(k in n for k in ("bias", "norm", "LayerNorm")))]  # fmt: skip
+        if params:
+            groups.append({"params": params, "lr": job.cfg.learning_rate, "job": job.name,
+                           "weight_decay": job.cfg.weight_decay if decay else 0.0})  # fmt: skip
+    return groups
 
 
 def save_job(model: nn.Module, job: Job, final: str, manifest: dict[str, Any]) -> None:
