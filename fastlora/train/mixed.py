@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fastlora.train.chunked_ce import head_bypassed, linear_cross_entropy_sum, plain_head
 from fastlora.train.data import IGNORE
+from fastlora.train.loss import _run, loss_sum
 
 Batch = dict[str, torch.Tensor]
 
@@ -46,6 +48,28 @@ def concat_batches(parts: list[Batch], pad_id: int) -> tuple[Batch, torch.Tensor
         out[key] = torch.cat(pieces, 0)
     slots = torch.cat([torch.full((len(p["input_ids"]),), i, dtype=torch.long) for i, p in enumerate(parts)])
     return out, slots
+
+
+def mixed_loss_sums(model: nn.Module, batch: Batch, slots: torch.Tensor, names: list[str], device: torch.device,
+                    dtype: torch.dtype | None, task: str, chunked: int | bool | None = None) -> list:  # fmt: skip
+    """One forward of ``batch`` (on ``device`` under autocast to ``dtype``), row ``i`` through adapter
+    ``names[slots[i]]``; per name (loss sum over its rows (0-d, differentiable), terms, its logits or None).
+    A causal LM's loss by the chunked linear cross-entropy from the hidden states unless ``chunked`` is False
+    (else: tokens per chunk, None for the default), as :func:`fastlora.train.loss.batch_loss`."""
+    rows = [(slots == i).nonzero().squeeze(1) for i in range(len(names))]
+    at = [r.to(device) for r in rows]
+    labels = batch["labels"]
+    with mixed(model, names, slots):
+        head = plain_head(model) if task == "causal" and chunked is not False else None
+        if head is not None:
+            with head_bypassed(model):
+                hidden = _run(model, batch, device, dtype, "causal")
+            compute = dtype if dtype is not None else torch.promote_types(hidden.dtype, head.weight.dtype)
+            return [(*linear_cross_entropy_sum(hidden[a], head.weight, head.bias, labels[r], chunk=chunked,
+                                               compute_dtype=compute), None)
+                    for r, a in zip(rows, at, strict=True)]  # fmt: skip
+        logits = _run(model, batch, device, dtype, task).float()
+        return [(*loss_sum(logits[a], labels[r], task), logits[a]) for r, a in zip(rows, at, strict=True)]
 
 
 def job_parameters(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:

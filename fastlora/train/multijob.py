@@ -32,13 +32,12 @@ import torch
 
 from fastlora.methods.report import count_parameters
 from fastlora.train import data as D
-from fastlora.train.chunked_ce import head_bypassed, linear_cross_entropy_sum, plain_head
 from fastlora.train.config import TrainConfig
 from fastlora.train.display import eval_line
-from fastlora.train.loss import _run, loss_count, loss_sum
+from fastlora.train.loss import loss_count
 from fastlora.train.memory import SavedActivations, make_optimizer, memory_note
 from fastlora.train.metrics import MetricsLog
-from fastlora.train.mixed import concat_batches, job_parameters, mixed, train_only
+from fastlora.train.mixed import concat_batches, job_parameters, mixed, mixed_loss_sums, train_only
 from fastlora.train.multijob_setup import (
     JOBS_DIR,
     Job,
@@ -156,25 +155,11 @@ class MultiJobTrainer(Trainer):
     # -- loss and evaluation ----------------------------------------------------------------
 
     def job_loss_sums(self, batch, slots: torch.Tensor, jobs: list[Job]) -> list[tuple[torch.Tensor, int, Any]]:
-        """One forward of ``batch`` (rows of ``jobs[slots[i]]``), each row through its job's adapter; per job
-        (loss sum over its rows, terms, its logits or None)."""
+        """One forward of ``batch`` (rows of ``jobs[slots[i]]``) through the jobs' adapters: :func:`mixed_loss_sums`."""
         dtype = autocast_dtype(self.cfg.precision, self.device)
-        names = [job.name for job in jobs]
-        rows = [(slots == i).nonzero().squeeze(1) for i in range(len(jobs))]
-        at = [r.to(self.device) for r in rows]
-        labels = batch["labels"]
-        with mixed(self.model, names, slots):
-            head = plain_head(self.model) if self.task == "causal" and self.cfg.chunked_ce == "on" else None
-            if head is not None:
-                with head_bypassed(self.model):
-                    hidden = _run(self.model, batch, self.device, dtype, "causal")
-                compute = dtype if dtype is not None else torch.promote_types(hidden.dtype, head.weight.dtype)
-                chunk = self.cfg.ce_chunk_tokens
-                return [(*linear_cross_entropy_sum(hidden[a], head.weight, head.bias, labels[r], chunk=chunk,
-                                                   compute_dtype=compute), None)
-                        for r, a in zip(rows, at, strict=True)]  # fmt: skip
-            logits = _run(self.model, batch, self.device, dtype, self.task).float()
-            return [(*loss_sum(logits[a], labels[r], self.task), logits[a]) for r, a in zip(rows, at, strict=True)]
+        chunked = self.cfg.ce_chunk_tokens if self.cfg.chunked_ce == "on" else False
+        return mixed_loss_sums(self.model, batch, slots, [job.name for job in jobs], self.device, dtype, self.task,
+                               chunked)  # fmt: skip
 
     @torch.no_grad()
     def evaluate_job(self, job: Job) -> dict[str, float]:
