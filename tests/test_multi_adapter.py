@@ -120,6 +120,14 @@ def test_gradients_reach_each_adapter_as_in_separate_runs():
     for p, t in model.named_parameters():
         if p in mixed:
             assert rel_error(mixed[p], t.grad) < 1e-5, p
+    model.zero_grad(set_to_none=True)
+    model.train_adapters(["a", "b", "c"])
+    model.train().gradient_checkpointing_enable()  # the recomputation runs inside the block too
+    with model.mixed_batch(NAMES):
+        (model(ids).logits * weights).sum().backward()
+    for p, t in model.named_parameters():
+        if p in mixed:
+            assert rel_error(mixed[p], t.grad) < 1e-5, p
     model.train_adapters(["b"])
     assert [n for n in "abc" if any(t.requires_grad for t in params(n).values())] == ["b"]
 

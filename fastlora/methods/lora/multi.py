@@ -103,7 +103,8 @@ def mixed_batch(model, idx_or_names) -> Iterator[MixedBatch]:
     """Within the block every forward of ``model`` runs example b with the adapter of slot ``idx[b]`` (-1: the
     base). ``idx_or_names``: a (B,) int tensor of slots or a list of B adapter names (``"__base__"``: the base).
     DoRA adapters, modules_to_save and merged layers are refused. Outside compiled code and with grad off,
-    every layer's persistent pool is brought up to date on entry."""
+    every layer's persistent pool is brought up to date on entry. With gradient checkpointing, call backward
+    inside the block too (the recomputed forward must route the rows the same way; outside it raises)."""
     _check_mixable(model)
     layers = [layer for _, layer in model.lora_layers()]
     if not layers:
