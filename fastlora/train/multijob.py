@@ -47,10 +47,12 @@ from fastlora.train.multijob_setup import (
     build_jobs_model,
     job_configs,
     job_groups,
+    read_jobs_data,
     save_job,
 )
 from fastlora.train.packing import Packer
-from fastlora.train.prepare import RunData, micro_batches, read_data
+from fastlora.train.prepare import micro_batches
+from fastlora.train.rundir import clean_leftovers
 from fastlora.train.runtime import TrainingError, _peak_memory_mib, autocast_dtype, lr_lambda
 from fastlora.train.state import Plan, RunState, StepResult
 from fastlora.train.trained import QUANT_KEY, quantization_record
@@ -73,15 +75,8 @@ class MultiJobTrainer(Trainer):
 
     def _set_up(self) -> Plan:
         cfg = self.cfg
-        datas = [read_data(job.cfg) for job in self.jobs]
-        tasks = {d.task for d in datas}
-        if len(tasks) > 1:
-            raise TrainingError(f"fastlora: the jobs mix tasks ({', '.join(sorted(tasks))}); one run trains one task")
-        self.task = datas[0].task
-        # a classifier's labels: those of every job (each job's head is trained over them all)
-        self.labels = sorted({lb for d in datas for lb in d.labels}) if self.task == "classification" else None
-        self.data_name = ", ".join(f"{job.name}={job.cfg.data}" for job in self.jobs)
-        data = RunData(self.task, self.labels, [], [], self.data_name)
+        datas, data = read_jobs_data(self.jobs)
+        self.task, self.labels, self.data_name = data.task, data.labels, data.name
         self.model, self.tokenizer, self.max_length, self.pad_id, self.model_path, self.model_name = (
             build_jobs_model(cfg, self.jobs, data, self.device))  # fmt: skip
         self.train_model = self.model
@@ -104,6 +99,10 @@ class MultiJobTrainer(Trainer):
         self.val_examples = [e for job in self.jobs for e in job.val]
         train_only(self.model, self.names, self.names)
         os.makedirs(cfg.output_dir, exist_ok=True)
+        for job in self.jobs:  # what a killed run's artefact writes left (the run directory's own: rundir.claim)
+            where = os.path.join(cfg.output_dir, JOBS_DIR, job.name)
+            for line in clean_leftovers(where) if os.path.isdir(where) else ():
+                self._log(f"fastlora: {line} (left by an interrupted write)")
         self.metrics = MetricsLog(cfg.output_dir, main=True)
         self.optimizer = make_optimizer(groups, cfg.optim, cfg.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedules)

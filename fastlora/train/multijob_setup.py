@@ -20,7 +20,7 @@ from fastlora.train.config import TrainConfig
 from fastlora.train.durable import replace_dir
 from fastlora.train.jobs import JOB_KEYS
 from fastlora.train.mixed import job_parameters
-from fastlora.train.prepare import RunData, check_causal, enable_checkpointing
+from fastlora.train.prepare import RunData, check_causal, enable_checkpointing, read_data
 from fastlora.train.rundir import run_settings
 from fastlora.train.runtime import (
     TrainingError,
@@ -75,6 +75,18 @@ def job_configs(cfg: TrainConfig) -> list[Job]:
             raise ValueError(f"fastlora: job {name!r}: {str(e).removeprefix('fastlora: ')}") from None
         jobs.append(Job(name, job_cfg))
     return jobs
+
+
+def read_jobs_data(jobs: list[Job]) -> tuple[list[RunData], RunData]:
+    """(each job's records, the run's: its task, a classifier's labels (those of every job: each job's head is
+    trained over them all), the data's name for the header); jobs of different tasks are refused."""
+    datas = [read_data(job.cfg) for job in jobs]
+    tasks = {d.task for d in datas}
+    if len(tasks) > 1:
+        raise TrainingError(f"fastlora: the jobs mix tasks ({', '.join(sorted(tasks))}); one run trains one task")
+    task = datas[0].task
+    labels = sorted({lb for d in datas for lb in d.labels}) if task == "classification" else None
+    return datas, RunData(task, labels, [], [], ", ".join(f"{job.name}={job.cfg.data}" for job in jobs))
 
 
 def build_jobs_model(cfg: TrainConfig, jobs: list[Job], data: RunData, device: torch.device):
