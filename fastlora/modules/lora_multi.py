@@ -59,6 +59,15 @@ class LayerPool:
         self.scales = torch.zeros(slots, dtype=torch.float32, device=device)
         self.dropout = torch.zeros(slots, dtype=torch.float32, device=device)
         self.keys: list[tuple | None] = [None] * slots
+        # the fast staleness check: (slot names, the layer's adapter modules, their scales and dropouts, dtype) as of
+        # the last refresh, the factors written and their versions then (a changed parameter bumps its version)
+        self.state: tuple | None = None
+        self.watch: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        self.any_dropout = False
+
+    def current(self, state: tuple) -> bool:
+        return self.state == state and self.writable() and [t._version for t in self.watch] == self.versions
 
     def fits(self, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> bool:
         a = self.a
@@ -107,11 +116,18 @@ def _write_slot(pool: LayerPool, slot: int, adapter) -> None:
 
 def refresh_pool(layer: nn.Module, names: Sequence[str | None], dtype: torch.dtype) -> LayerPool:
     """The layer's persistent pool for slots ``names`` in ``dtype``, up to date: built or grown (slots, rank) if
-    it does not fit, else only the slots whose adapter changed rewritten in place. Returns it."""
+    it does not fit, else only the slots whose adapter changed rewritten in place. Returns it.
+
+    The common case (nothing changed since the last call) costs one pass over the factors' versions."""
+    names = tuple(names)
+    mods = tuple(layer.adapters._modules.values())
+    state = (names, mods, tuple((m.scaling, m.lora_dropout) for m in mods), dtype)
+    pool = layer.__dict__.get("_multi_pool")
+    if pool is not None and pool.current(state):
+        return pool
     adapters = _slot_adapters(layer, names)
     rank = max([a.r for a in adapters if a is not None], default=1)
     device = layer.weight.device
-    pool = layer.__dict__.get("_multi_pool")
     if pool is None or not pool.fits(len(names), rank, dtype, device) or not pool.writable():
         slots = max(len(names), pool.a.shape[0] if pool is not None else 0)
         rank = max(rank, pool.a.shape[1] if pool is not None else 0)
@@ -123,6 +139,10 @@ def refresh_pool(layer: nn.Module, names: Sequence[str | None], dtype: torch.dty
         if pool.keys[slot] != key:
             _write_slot(pool, slot, adapter)
             pool.keys[slot] = key
+    pool.watch = [t for a in adapters if a is not None for t in (a.lora_A, a.lora_B)]
+    pool.versions = [t._version for t in pool.watch]
+    pool.any_dropout = any(a is not None and a.lora_dropout > 0 for a in adapters)
+    pool.state = state
     return pool
 
 
@@ -185,6 +205,12 @@ def mixed_forward(batch: MixedBatch, layer: nn.Module, x: torch.Tensor) -> torch
         a, b = x.new_zeros((0, layer.in_features)), x.new_zeros((layer.out_features, 0))
         return lora_linear(x, weight, bias, a, b, 0.0, quant_state=layer.quant_state)
     idx = rows_index(batch.index, x)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager inference: the persistent pool
+        pool = refresh_pool(layer, batch.names, dtype)
+        use_dropout = layer.training and pool.any_dropout
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if use_dropout else 0
+        return lora_linear_multi(x, weight, bias, pool.a, pool.b, pool.scales, idx, quant_state=layer.quant_state,
+                                 dropout_p=pool.dropout if use_dropout else None, seed=seed)  # fmt: skip
     adapters = _slot_adapters(layer, batch.names)
     needs_grad = torch.is_grad_enabled() and any(
         p.requires_grad for a in adapters if a is not None for p in (a.lora_A, a.lora_B)
