@@ -182,6 +182,11 @@ def test_per_job_rates_early_stop_and_artefacts(tmp_path, tiny_bert, monkeypatch
     manifest = json.loads((tmp_path / "run/jobs/a/adapter/fastlora_run.json").read_text())
     assert manifest["job"] == "a" and manifest["labels"] == labels == ["p", "q", "r"]
     both = torch.cat([mixed_logits(model, trainer.names, ids, name) for name in trainer.names])
+    mixed_ids = {k: torch.cat([v, v]) for k, v in ids.items()}  # one batch: rows of a, then rows of b
+    slots = torch.tensor([0, 0, 1, 1])
+    for grouped in (True, False):  # the grouped op and the per-adapter reference route
+        with torch.no_grad(), mixed(model, trainer.names, slots, grouped=grouped):
+            torch.testing.assert_close(model(**mixed_ids).logits, both, rtol=1e-5, atol=1e-6)
     for i, name in enumerate(trainer.names):
         want = both[2 * i : 2 * i + 2]
         with torch.no_grad():
