@@ -109,10 +109,6 @@ class MultiJobTrainer(Trainer):
         self.activations = SavedActivations(self.model, offload=cfg.offload_activations,
                                             count=self.device.type == "cpu")  # fmt: skip
         total = max(job.plan.total for job in self.jobs)
-        for job in self.jobs:
-            self._log(f"  job {job.name}: {len(job.train)} train / {len(job.val)} val examples, {job.plan.total} "
-                      f"steps of {job.cfg.batch_size * cfg.grad_accum}, lr {job.cfg.learning_rate:g} "
-                      f"({job.cfg.schedule}), r {job.cfg.lora_r}")  # fmt: skip
         save_every = cfg.save_every or min(job.plan.save_every for job in self.jobs)
         return Plan(total=total, steps_per_epoch=1, grad_accum=cfg.grad_accum, warmup=0, log_every=cfg.log_every,
                     eval_every=total, save_every=save_every)  # fmt: skip
@@ -189,6 +185,10 @@ class MultiJobTrainer(Trainer):
     # -- the loop -----------------------------------------------------------------------------
 
     def _train(self, plan: Plan, state: RunState, progress) -> None:
+        for job in self.jobs:  # below the run's header
+            self._log(f"  job {job.name}: {len(job.train)} train / {len(job.val)} val examples, {job.plan.total} "
+                      f"steps of {job.cfg.batch_size * self.cfg.grad_accum}, lr {job.cfg.learning_rate:g} "
+                      f"({job.cfg.schedule}), r {job.cfg.lora_r}")  # fmt: skip
         self.model.train()
         while state.step < plan.total and not all(job.done for job in self.jobs):
             if self._interrupted:
