@@ -29,3 +29,13 @@ def dequant_norm(
     sq = w32.to(acc).square().sum(1)
     wa = w.to(acc) @ lora_a.to(dtype).to(acc).T
     return w, sq, wa
+
+
+def dequant_scaled(
+    packed: torch.Tensor, state: QuantState, row_scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(N, K) ``dtype``: diag(row_scale)·W with W dequantised in fp32, one rounding (row_scale (N,) fp32)."""
+    n, k = (int(d) for d in state.shape)
+    flat = packed.reshape(-1).view(torch.uint8)
+    w32 = dequantize_4bit_ref(flat, absmax_fp32(state).float(), state.code, state.blocksize, (n, k), torch.float32)
+    return (w32 * row_scale.float()[:, None]).to(dtype)

@@ -11,10 +11,18 @@ The norm never materialises W + s·B A (N, K): per output row n,
     ‖W_n + s B_n A‖² = ‖W_n‖² + 2s Σ_j B[n,j] (W Aᵀ)[n,j] + s² B_n (A Aᵀ) B_nᵀ
 
 Where the 4-bit forward runs the training-size path (Triton, ``dequant_gemm``: W dequantised into the shared
-scratch, then one GEMM), the norm comes from that dequantisation: :func:`fastlora.kernels.dora_norm.dequant_norm_into`
-writes the scratch and emits ‖W_n‖² and W Aᵀ from the same registers, so the packed W is read once, as LoRA
-reads it; then C = s·u·Bᵀ, one GEMM z = x·W_dqᵀ + C, and y = g ⊙ z + b in one [M, N] pass. The backward is
-LoRA's (``fastlora::lora_linear_backward``: one dequantisation) on dz = g ⊙ dy.
+scratch, then one GEMM), g = m / ‖·‖ is folded into the operands (``fastlora::dora_dequant_gemm``):
+
+    forward   sq, W Aᵀ   one pass over the packed W (:func:`fastlora.kernels.dora_norm.norm_terms`; no write)
+              g          (N,) from the norm (small ops on (N, r) tensors)
+              W_g        diag(g)·W dequantised into the scratch (``dora_norm.dequantize_scaled_into``)
+              y          C = s·u·(g ⊙ B)ᵀ, then one GEMM y = C + x·W_gᵀ = g ⊙ z   (LoRA's two passes, no [M, N] pass)
+    backward  v, dA, dB  LoRA's gradients through B_g = g ⊙ B (dB = g ⊙ dB_g); dx = dy·W_g + v·A (W_g dequantised
+                         once, as LoRA's backward dequantises W); dm_n = Σ_i dy[i, n]·y[i, n] / m_n (one read of dy, y)
+
+so DoRA adds to LoRA one read of the packed W (0.5 byte a weight) and the dm reduction; a bias is added to y
+outside the op (bias layers only), so that dm reads g ⊙ z unswamped by b. A magnitude exactly 0 leaves no z in y:
+its dm is taken as 0 (the true value is Σ_i dy·z / norm).
 
 Elsewhere (small M: the fused kernel or the native GEMV; dense bases; the reference) ‖W_n‖² is frozen
 (computed once per base weight by :func:`weight_row_sqnorm`, row-chunked) and W Aᵀ (N, r) is one skinny pass
@@ -36,7 +44,7 @@ import torch
 
 from fastlora import dispatch
 from fastlora.functional import apply_dropout
-from fastlora.kernels.dora_norm import dequant_norm_into, supports
+from fastlora.kernels.dora_norm import dequantize_scaled_into, norm_terms, supports
 from fastlora.ops import lora_paths, scratch
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.planner import OP, decide_path, requested_path
@@ -128,7 +136,12 @@ def fused_norm_applies(m: int, k: int, n: int, r: int, quant_state: QuantState |
     return decide_path(OP, "triton", path, m, k, n, quant_state.quant_type, dtype)[0] == "dequant_gemm"
 
 
-# -- the training-size 4-bit op: one dequant+norm pass, C = s·u·Bᵀ, one GEMM ------------------------------------
+# -- the training-size 4-bit op: g folded into W's and B's rows ---------------------------------------------------
+
+
+def _scaled_weight(weight, state, g, dtype):
+    """diag(g)·W_dq (N, K) in ``dtype``, dequantised into the shared scratch (valid until its next use)."""
+    return dequantize_scaled_into(weight, state, g, scratch.scratch(tuple(state.shape), dtype, weight.device))
 
 
 @torch.library.custom_op("fastlora::dora_dequant_gemm", mutates_args=())
@@ -137,6 +150,7 @@ def _dora_dequant_gemm_op(
     weight: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
     absmax: torch.Tensor | None,
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
@@ -147,39 +161,87 @@ def _dora_dequant_gemm_op(
     nested_offset: float,
     scale: float,
     backend: str,
-    path: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, u, norm): z = x·W_dqᵀ + s·u·Bᵀ (M, N) without bias, u = x·Aᵀ (M, r), norm (N,) fp32 ‖W_n + s·B_n A‖."""
+    """(y, u, norm): y = g ⊙ (x·W_dqᵀ + s·u·Bᵀ) (M, N) without bias, u = x·Aᵀ (M, r), norm (N,) fp32 ‖W_n + s·B_n A‖,
+    g = m / norm. The norm pass reads the packed W; g goes into the scratch's rows and into B's: no [M, N] pass."""
     state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
                                     nested_offset)  # fmt: skip
-    w, sq, wa = dequant_norm_into(weight, state, lora_a, scratch.scratch(tuple(shape), x.dtype, x.device))
+    sq, wa = norm_terms(weight, state, lora_a, x.dtype)
     norm = norm_from(sq, wa, lora_a, lora_b, scale)
+    g = magnitude.float() / norm
     u = x @ lora_a.T
-    return lora_paths.forward(x, w, None, None, u, lora_b, scale, "triton"), u, norm
+    w = _scaled_weight(weight, state, g, x.dtype)
+    return lora_paths.forward(x, w, None, None, u, (lora_b.float() * g[:, None]).to(x.dtype), scale, "triton"), u, norm
 
 
 @_dora_dequant_gemm_op.register_fake
-def _(x, weight, lora_a, lora_b, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
-      nested_offset, scale, backend, path):  # fmt: skip
+def _(x, weight, lora_a, lora_b, magnitude, absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+      nested_offset, scale, backend):  # fmt: skip
     return (x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_a.shape[0])),
             x.new_empty((shape[0],), dtype=torch.float32))  # fmt: skip
 
 
+@torch.library.custom_op("fastlora::dora_dequant_gemm_backward", mutates_args=())
+def _dora_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    u: torch.Tensor,
+    y: torch.Tensor,
+    norm: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+    nested_offset: float,
+    scale: float,
+    backend: str,
+    needs_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dm) with the norm a constant: LoRA's gradients through B_g = g ⊙ B and W_g = diag(g)·W (one
+    dequantisation, as LoRA's backward), dB = g ⊙ dB_g, dm_n = Σ_i dy[i, n]·y[i, n] / m_n (= Σ_i dy·z / norm_n)."""
+    state = QuantState.from_op_args(absmax, nested_absmax, nested_code, quant_type, blocksize, shape, dtype,
+                                    nested_offset)  # fmt: skip
+    g = magnitude.float() / norm
+    b_g = (lora_b.float() * g[:, None]).to(grad.dtype)
+    v, grad_a, grad_bg = lora_paths.lora_grads(grad, x, lora_a, b_g, u, scale, 0.0, 0, backend or None)
+    grad_b = (grad_bg.float() * g[:, None]).to(lora_b.dtype)
+    # m_n = 0 makes y's column 0 and leaves z unknown: its dm is taken as 0 (the folded path keeps no z)
+    m = magnitude.float()
+    dm = torch.einsum("mn,mn->n", grad, y).float() / torch.where(m == 0, 1.0, m)
+    grad_m = torch.where(m == 0, 0.0, dm).to(magnitude.dtype)
+    if not needs_dx:
+        return x.new_empty((0,)), grad_a, grad_b, grad_m
+    w = _scaled_weight(weight, state, g, grad.dtype)
+    return lora_paths.input_grad(grad, w, None, v, lora_a, 0.0, 0, "triton"), grad_a, grad_b, grad_m
+
+
+@_dora_backward_op.register_fake
+def _(grad, x, weight, lora_a, lora_b, magnitude, u, y, norm, absmax, nested_absmax, nested_code, quant_type,
+      blocksize, shape, dtype, nested_offset, scale, backend, needs_dx):  # fmt: skip
+    grad_x = torch.empty_like(x) if needs_dx else x.new_empty((0,))
+    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(magnitude)
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, absmax, nested_absmax, nested_code, *rest = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], absmax, nested_absmax, nested_code)
-    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, backend, path
+    x, weight, lora_a, lora_b, magnitude, absmax, nested_absmax, nested_code, *rest = inputs
+    y, u, norm = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, u, y, norm, absmax, nested_absmax, nested_code)
+    ctx.args = rest  # quant_type, blocksize, shape, dtype, nested_offset, scale, backend
 
 
-def _backward(ctx, grad_z, grad_u, grad_norm):
-    """LoRA's backward on dz (the norm is a constant: no gradient through it): one dequantisation of W."""
-    x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code = ctx.saved_tensors
-    quant_type, blocksize, shape, dtype, offset, scale, backend, path = ctx.args
-    grad_z = grad_z.contiguous() if grad_z.stride(-1) != 1 else grad_z
-    grad_x, grad_a, grad_b = torch.ops.fastlora.lora_linear_backward(
-        grad_z, x, weight, lora_a, lora_b, u, absmax, nested_absmax, nested_code, quant_type, blocksize, shape,
-        dtype, offset, scale, 0.0, 0, backend, path, ctx.needs_input_grad[0])  # fmt: skip
-    return grad_x if ctx.needs_input_grad[0] else None, None, grad_a, grad_b, *[None] * (3 + len(ctx.args))
+def _backward(ctx, grad_y, grad_u, grad_norm):
+    grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y
+    grad_x, grad_a, grad_b, grad_m = torch.ops.fastlora.dora_dequant_gemm_backward(
+        grad_y, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])  # fmt: skip
+    grad_x = grad_x if ctx.needs_input_grad[0] else None
+    return grad_x, None, grad_a, grad_b, grad_m, *[None] * (3 + len(ctx.args))
 
 
 _dora_dequant_gemm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -220,10 +282,10 @@ def dora_linear(
     n, r = lora_b.shape
     if dropout_p == 0.0 and fused_norm_applies(x2.shape[0], k, n, r, quant_state, x.dtype, x.device, backend, path):
         x2 = x2.contiguous() if x2.stride(-1) != 1 else x2
-        z, _, norm = torch.ops.fastlora.dora_dequant_gemm(x2, weight, lora_a, lora_b, *quant_state.op_args(),
-                                                          float(scale), backend or "", path or "")  # fmt: skip
-        g = (magnitude.float() / norm).to(x.dtype)
-        y = z * g if bias is None else torch.addcmul(bias, z, g)  # g and b in one [M, N] pass
+        y, _, _ = torch.ops.fastlora.dora_dequant_gemm(x2, weight, lora_a, lora_b, magnitude,
+                                                       *quant_state.op_args(), float(scale), backend or "")  # fmt: skip
+        # a bias is added outside (one [M, N] pass, bias layers only): dm reads y = g ⊙ z, which b would swamp
+        y = y if bias is None else y + bias
         return y.view(*lead, n)
     norm = dora_weight_norm(weight, lora_a, lora_b, scale, w_sqnorm, quant_state=quant_state, backend=backend)
     g = (magnitude.float() / norm).to(x.dtype)  # the norm is a constant for autograd (detached)
