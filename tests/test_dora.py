@@ -464,3 +464,37 @@ def test_fused_norm_path_never_allocates_the_merged_weight(dequant_gemm, monkeyp
     assert not big, big
     ran = {op for op, _ in mode.sizes}
     assert "fastlora.dora_dequant_gemm.default" in ran and "fastlora.dora_dequant_gemm_backward.default" in ran
+
+
+def test_dora_ops_opcheck(dequant_gemm):
+    """torch.library.opcheck of the training-size DoRA op and its backward: schema, fakes, autograd registration."""
+    from fastlora.ops.dora import norm_from  # noqa: F401  (registers the ops)
+    from fastlora.quant import quantize_4bit
+
+    packed, state = quantize_4bit(torch.randn(20, 64), "nf4", 64, True)
+    x = torch.randn(3, 64, requires_grad=True)
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    m = (torch.rand(20) + 0.5).requires_grad_()
+    args = (x, packed, a, b, m, *state.op_args(), 0.5, "triton")
+    torch.library.opcheck(torch.ops.fastlora.dora_dequant_gemm.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+
+
+def test_zero_magnitude_row_gives_finite_gradients(dequant_gemm):
+    """A magnitude exactly 0: that output column is 0 (as peft), and its dm is taken as 0 (the folded path keeps
+    no z to form Σ dy·z / norm); every other gradient stays finite and equal to peft's."""
+    fast, ref = _pair(in_f=128, out_f=23, bias=False, quant="nf4")
+    with torch.no_grad():
+        fast.lora_magnitude_vector[3] = 0.0
+    _copy_to_peft(fast, ref)
+    x = torch.randn(6, 128)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y = fast(xs[0])
+    assert (y[:, 3] == 0).all()
+    y.sum().backward()
+    ref(xs[1]).sum().backward()
+    dm = fast.lora_magnitude_vector.grad
+    assert torch.isfinite(dm).all() and dm[3] == 0
+    keep = torch.arange(23) != 3
+    torch.testing.assert_close(dm[keep], ref.lora_magnitude_vector["default"].weight.grad[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
