@@ -26,10 +26,11 @@ its dm is taken as 0 (the true value is Σ_i dy·z / norm).
 
 Elsewhere (small M: the fused kernel or the native GEMV; dense bases; the reference) ‖W_n‖² is frozen
 (computed once per base weight by :func:`weight_row_sqnorm`, row-chunked) and W Aᵀ (N, r) is one skinny pass
-over W: for a 4-bit W ``lora_linear(A, W)`` with a zero-rank adapter, which reads W packed. At small M that
-is a second read of the packed W beside the forward's fused GEMM (W dequantised in registers, never written).
-It could be folded by running the fused GEMM on the stacked rows [x; A] (M + r rows: one read of W, the A rows'
-outputs (W + s·B A) Aᵀ giving W Aᵀ after subtracting s·B (A Aᵀ)); not done yet. Everything accumulates in fp32.
+over W. For a 4-bit W at small M (the fused kernel or the native GEMV, which dequantise in registers) that pass
+is folded into the forward's own: the call takes the stacked rows [x; A] (M + r), one read of the packed W, and
+the A rows' outputs A·(W + s·B A)ᵀ give W Aᵀ after subtracting s·B (A Aᵀ) (:func:`stacked_applies`); their rows get
+no gradient (the norm is detached), so the backward's extra r rows are zeros. Elsewhere W Aᵀ is
+``lora_linear(A, W)`` with a zero-rank adapter (W read packed). Everything accumulates in fp32.
 
 LoRA dropout (d) costs a second GEMM over W: y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s·d(x) Aᵀ Bᵀ needs both x Wᵀ
 and d(x) Wᵀ, two different left operands of W, so there is no exact one-GEMM form; peft's DoRA computes the same
@@ -134,6 +135,20 @@ def fused_norm_applies(m: int, k: int, n: int, r: int, quant_state: QuantState |
     if dispatch.choose(OP, device, backend, m=m, quantized=True).backend != "triton":
         return False
     return decide_path(OP, "triton", path, m, k, n, quant_state.quant_type, dtype)[0] == "dequant_gemm"
+
+
+def stacked_applies(m: int, k: int, n: int, r: int, quant_state: QuantState | None, dtype: torch.dtype,
+                    device: torch.device, backend: str | None, path: str | None) -> bool:  # fmt: skip
+    """True when the small-M DoRA forward runs x and A's r rows as one call, [x; A]: a 4-bit W, r > 0, and M + r rows
+    on a kernel that reads W packed (the native GEMV, or Triton's fused path), so W is read once."""
+    if quant_state is None or r == 0 or len(quant_state.shape) != 2:
+        return False
+    chosen = dispatch.choose(OP, device, backend, m=m + r, quantized=True).backend
+    if chosen == "native":
+        return True
+    if chosen != "triton":
+        return False
+    return decide_path(OP, "triton", path, m + r, k, n, quant_state.quant_type, dtype)[0] == "fused"
 
 
 # -- the training-size 4-bit op: g folded into W's and B's rows ---------------------------------------------------
@@ -286,6 +301,18 @@ def dora_linear(
                                                        *quant_state.op_args(), float(scale), backend or "")  # fmt: skip
         # a bias is added outside (one [M, N] pass, bias layers only): dm reads y = g ⊙ z, which b would swamp
         y = y if bias is None else y + bias
+        return y.view(*lead, n)
+    if dropout_p == 0.0 and stacked_applies(x2.shape[0], k, n, r, quant_state, x.dtype, x.device, backend, path):
+        # [x; A] through one fused pass over the packed W: rows M.. are A·(W + s·B A)ᵀ, the norm's W Aᵀ
+        out = lora_linear(torch.cat([x2, lora_a.detach()]), weight, None, lora_a, lora_b, scale,
+                          quant_state=quant_state, backend=backend, path=path)  # fmt: skip
+        z, p = out[: x2.shape[0]], out[x2.shape[0] :].detach().float()
+        with torch.no_grad():
+            a32, b32 = lora_a.float(), lora_b.float()
+            wa = p.T - scale * (b32 @ (a32 @ a32.T))  # (W + s·B A) Aᵀ − s·B (A Aᵀ) = W Aᵀ
+            norm = norm_from(w_sqnorm, wa, lora_a, lora_b, scale)
+        g = (magnitude.float() / norm).to(x.dtype)
+        y = z * g if bias is None else torch.addcmul(bias, z, g)
         return y.view(*lead, n)
     norm = dora_weight_norm(weight, lora_a, lora_b, scale, w_sqnorm, quant_state=quant_state, backend=backend)
     g = (magnitude.float() / norm).to(x.dtype)  # the norm is a constant for autograd (detached)
