@@ -195,3 +195,23 @@ def test_bench_multi_suite_runs_and_guards():
     assert [(r.impl, r.status) for r in recs] == [(i, "ok") for i in ("fastlora-multi", "fastlora-one",
                                                                        "fastlora-per-adapter")]  # fmt: skip
     assert all(r.max_rel_err < 1e-5 for r in recs)
+
+
+def test_nf4_llama_matches_peft_over_bitsandbytes():
+    """NF4: peft's adapter_names forward over bnb Linear4bit layers holding the same packed bytes; the bound is
+    twice bitsandbytes' own rounding of the 4-bit base on this machine (its CPU path), with a 1e-5 floor."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from fastlora.bench import multi
+
+    case = multi.MultiCase("decode", 64, 128, len(NAMES), 3, "fp32")  # bnb: K a multiple of 64
+    model = multi._decode_models(case, "cpu", torch.float32)
+    theirs = multi._peft_model(model, case, torch.float32)
+    ids = torch.randint(1, 512, (len(NAMES), 6))
+    names = [n if n == "__base__" else {"a": "a0", "b": "a1", "c": "a2"}[n] for n in NAMES]
+    with torch.no_grad():
+        with model.disable(), theirs.disable_adapter():
+            bound = 2 * rel_error(theirs(ids).logits, model(ids).logits) + 1e-5
+        ours, ref = model(ids, adapter_names=names).logits, theirs(ids, adapter_names=names).logits
+        assert rel_error(ours, ref) < bound
+        assert rel_error(ours[2:3], _alone(model, "a1", ids[2:3]).logits) < 1e-5
