@@ -322,10 +322,11 @@ def run(
         cache: dict = {}
         pass_ = "fwd" if case.kind == "layer" else "decode"
         for name in impls:
-            base = dict(suite="multi", case=case.id, impl=name, shape=case.shape, m=case.m, r=RANK, dtype=case.dtype)
+            shape = f"{case.kind} {case.shape} S={case.adapters}"
+            base = dict(suite="multi", case=case.id, impl=name, shape=shape, m=case.m, r=RANK, dtype=case.dtype)
             guarded = guarded_layer if case.kind == "layer" else guarded_decode
             make = functools.partial(guarded, case, name, cuda=cuda, cache=cache)
-            case_timer = timer if case.kind == "layer" or cuda else dataclasses.replace(timer, warmup=1, min_reps=3)
+            case_timer = timer if case.kind == "layer" or cuda else dataclasses.replace(timer, warmup=0, min_reps=2)
             for rec in time_guarded(base, (pass_,), make, cuda=cuda, timer=case_timer):
                 if rec.ms and case.kind == "decode":
                     rec.tokens_per_s = case.m * case.new_tokens / rec.ms * 1e3
