@@ -163,6 +163,20 @@ def test_fallbacks_merge_disable_unload():
         torch.testing.assert_close(unloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_hooked_gate_up_run_unfused():
+    """A forward hook on gate_proj/up_proj (a user's, or a probe's) still runs: that MLP runs unfused while hooked."""
+    model, ids = _inject("llama", True).eval(), _batch()
+    mlp = model.model.model.layers[0].mlp
+    seen = []
+    handle = mlp.up_proj.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        assert seen == [(2, 9, LLAMA["intermediate_size"])]
+        handle.remove()
+        torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-5, atol=1e-5)
+    assert seen == [(2, 9, LLAMA["intermediate_size"])]  # the hook is gone: fused again, the same output
+
+
 def test_explicit_specs_and_off():
     only_qkv = _inject("llama", [{"members": ["q_proj", "k_proj", "v_proj"], "parent": r"layers\.0\."}])
     assert [(p, type(g)) for p, g in block_groups(only_qkv.model)] == [("model.layers.0.self_attn", SharedInputGroup)]

@@ -41,6 +41,15 @@ def groupable(layer: nn.Module) -> bool:
     return layer.active_adapter is None or not is_dora(layer.adapter)
 
 
+def _hooked(layer: nn.Module) -> bool:
+    """A hook would run if ``layer`` were called: its own forward/backward hooks or nn.Module's global ones."""
+    glob = nn.modules.module
+    return bool(
+        layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks
+        or glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+    )  # fmt: skip
+
+
 def group_members(layers: list[FastLoRALinear], x: torch.Tensor) -> tuple[torch.Tensor, list[GroupMember]] | None:
     """(x in the compute dtype, the layers as :class:`GroupMember`), as each layer's own forward would call its op
     (autocast dtype, LoRA factors cast, one dropout seed a layer drawn in order); None when a layer's own forward
@@ -144,7 +153,10 @@ class GatedMLPGroup:
         mlp.forward = self  # an instance attribute: the class's forward is the fallback
 
     def active(self) -> bool:
-        return groupable(getattr(self.mlp, self.gate, None)) and groupable(getattr(self.mlp, self.up, None))
+        """Every member groupable and none hooked: the fused op never calls gate/up themselves, so a forward
+        (pre-)hook or backward hook on them (a user's, or a probe's) would silently not run; they run unfused."""
+        layers = [getattr(self.mlp, self.gate, None), getattr(self.mlp, self.up, None)]
+        return all(groupable(layer) and not _hooked(layer) for layer in layers)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mlp = self.mlp
