@@ -100,8 +100,9 @@ def test_llama_peft_adapter_names_and_generate(tmp_path):
             assert torch.equal(out[i : i + 1], alone), name
 
 
-def test_gradients_reach_each_adapter_as_in_separate_runs():
-    model = _model(tiny_llama)
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gradients_reach_each_adapter_as_in_separate_runs(quantize):
+    model = _model(tiny_llama, quantize)
     ids = torch.randint(0, 128, (len(NAMES), 6))
     weights = torch.randn(len(NAMES), 6, 128)  # a loss that sums over examples: per-example gradients add
 
