@@ -50,8 +50,14 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> CompiledInfo:
-    """Compile ``spec`` for ``sm_<arch>`` and read its resource usage from the cubin."""
+def compile_spec(spec: KernelSpec, arch: int, *, sass: bool | None = None) -> CompiledInfo:
+    """Compile ``spec`` for ``sm_<arch>`` and read its resource usage from the cubin.
+
+    ``sass``: also disassemble it (about 1 s a cubin, more than most compiles) to count STL/LDL and HGMMA/HMMA.
+    None: only where a count can be non-zero or is checked: a kernel with a stack frame (a spill needs one:
+    STL/LDL address local memory, which the frame sizes, so with ``STACK:0`` both counts are 0 exactly) or a
+    tensor-core kernel on sm_90 (HGMMA). Counts not read are -1 for HGMMA/HMMA.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,19 +74,25 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompiledInfo:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
+        regs = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        local = re.search(r"LOCAL:(\d+)", usage)
+        frame = int(stack.group(1)) if stack else -1
+        if sass is None:
+            sass = frame != 0 or (local is not None and local.group(1) != "0") or (spec.tensor_core and arch >= 90)
+        text = ""
+        if sass:
+            text = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True).stdout
     return CompiledInfo(
         name=spec.name,
         arch=arch,
         registers=int(regs.group(1)) if regs else -1,
-        stack=int(stack.group(1)) if stack else -1,
-        spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
-        spill_loads=len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
+        stack=frame,
+        spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", text)),
+        spill_loads=len(re.findall(r"\bLDL(?:\.\w+)*\b", text)),
         shared=int(compiled.metadata.shared),
-        hgmma=sass.count("HGMMA"),
-        hmma=len(re.findall(r"\bHMMA\b", sass)),
+        hgmma=text.count("HGMMA") if sass else -1,
+        hmma=len(re.findall(r"\bHMMA\b", text)) if sass else -1,
     )
 
 
@@ -110,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     global _SPECS
     _SPECS = registered()
-    jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (80, 90)]
+    archs = (80, 90)
+    if "--arch" in argv:  # e.g. --arch 90: one architecture
+        archs = tuple(int(a) for a in argv[argv.index("--arch") + 1].split(","))
+    jobs = [(i, arch) for i in range(len(_SPECS)) for arch in archs]
     # Compiling is CPU-bound and independent per spec: one worker per core (forked, so the
     # workers share the registry).
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
