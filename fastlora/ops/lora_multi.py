@@ -39,6 +39,7 @@ from fastlora import dispatch
 from fastlora.kernels import lora_multi as kernels
 from fastlora.kernels import lora_multi_fused, lora_multi_specs  # noqa: F401  (the specs register on import)
 from fastlora.kernels import lora_multi_ref as ref
+from fastlora.kernels import lora_multi_seg as seg
 from fastlora.ops import lora_multi_native, scratch  # noqa: F401  (native registers its row first: preferred)
 from fastlora.ops.lora import _check_code_table, _dense_weight
 from fastlora.ops.planner import OP as _OP_SINGLE
@@ -55,19 +56,32 @@ OP_GRADS = "lora_multi_grads"  # (grad, x, pool_a, pool_b, u, scales, idx, dropo
 # -- the torch rows (the reference; every device, float64 too) --------------------------------------------
 
 
+def _rows(t: torch.Tensor):
+    """On a CPU the products loop over the slots present (one adapter's FLOPs; finding the segments reads the
+    indices, a host sync that costs nothing there); elsewhere the sync-free reference (S times the FLOPs)."""
+    return seg if t.device.type == "cpu" else ref
+
+
 @dispatch.register(OP, "torch")
 def _fwd_torch(x, weight, state, bias, u, pool_b, scales, idx, path=None):
-    c = ref.multi_up(u, pool_b, scales, idx, bias)
+    c = _rows(x).multi_up(u, pool_b, scales, idx, bias)
     return c + x @ _dense_weight(weight, state, x.dtype).T
 
 
 @dispatch.register(OP_DX, "torch")
 def _dx_torch(grad, weight, state, v, pool_a, idx, dropout_p, seed, path=None):
-    return grad @ _dense_weight(weight, state, grad.dtype) + ref.multi_dx_term(v, pool_a, idx, dropout_p, seed)
+    term = _rows(grad).multi_dx_term(v, pool_a, idx, dropout_p, seed)
+    return grad @ _dense_weight(weight, state, grad.dtype) + term
 
 
-dispatch.register(OP_DOWN, "torch")(ref.multi_down)
-dispatch.register(OP_GRADS, "torch")(ref.multi_grads)
+@dispatch.register(OP_DOWN, "torch")
+def _down_torch(x, pool_a, idx, dropout_p=None, seed=0):
+    return _rows(x).multi_down(x, pool_a, idx, dropout_p, seed)
+
+
+@dispatch.register(OP_GRADS, "torch")
+def _grads_torch(g, x, pool_a, pool_b, u, scales, idx, dropout_p=None, seed=0):
+    return _rows(g).multi_grads(g, x, pool_a, pool_b, u, scales, idx, dropout_p, seed)
 
 
 # -- the Triton rows (CUDA default; CPU tensors under TRITON_INTERPRET=1 when asked for) --------------------------
